@@ -1,0 +1,131 @@
+"""The settings of one Patcher, with the paper's defaults.
+
+Every knob of Transformer-Patcher (Huang et al., ICLR 2023) lives here so that a run can be
+reproduced from the JSON manifest that :meth:`tpatcher.Patcher.save` writes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+#: Memory threshold beta per FFN activation, chosen so that phi(beta) is negligible.
+#: GELU(-3) = -0.004 (the paper's value); SiLU decays much more slowly (SiLU(-3) = -0.14),
+#: so a SiLU neuron must be pushed to -8 (SiLU(-8) = -0.003) to be equally silent.
+#: ReLU is exactly zero below 0; -3 keeps the paper's safety margin.
+MEMORY_THRESHOLD_BY_ACTIVATION: dict[str, float] = {
+    "gelu": -3.0,
+    "gelu_new": -3.0,
+    "gelu_fast": -3.0,
+    "gelu_pytorch_tanh": -3.0,
+    "gelu_python": -3.0,
+    "quick_gelu": -3.0,
+    "relu": -3.0,
+    "silu": -8.0,
+    "swish": -8.0,
+}
+
+
+@dataclass
+class PatcherConfig:
+    """How patches are placed and trained.
+
+    Attributes:
+        max_neurons_per_edit: Generation edits get one neuron per target position the model
+            gets wrong (teacher-forced), the first ``max_neurons_per_edit`` of them.
+            Classification edits always get one neuron, at the position the head reads.
+        lr: Adam learning rate for the new neurons.
+        weight_decay: Adam weight decay (L2, as in the reference implementation).
+        grad_clip: Gradient-norm clip applied to the new neurons each step.
+        max_steps: Step budget for one edit. An edit not fixed by then fails and leaves no
+            neurons behind.
+        plateau_patience: Steps without improvement of the total loss before the learning
+            rate is halved (``ReduceLROnPlateau``).
+        plateau_factor: Factor applied to the learning rate on a plateau.
+        memory_patience: Once the edit is fixed, stop after this many steps without the
+            memory loss improving by more than ``memory_tolerance`` (relative).
+        memory_tolerance: Relative improvement of the memory loss that counts as progress.
+        activation_weight: ``a`` in ``L = L_edit + a L_act + m L_mem``.
+        memory_weight: ``m``; ``None`` means the paper's value, 5 for classification and
+            10 for generation.
+        memory_threshold: ``beta``: memory pre-activations are pushed below it. ``None``
+            picks it from the FFN's activation (:data:`MEMORY_THRESHOLD_BY_ACTIVATION`).
+        margin: ``gamma``: the edit's pre-activation must beat every memory pre-activation
+            by this much.
+        activation_top_k: ``L_act`` averages the top-k of ``exp(-s)`` over the new neurons.
+        memory_top_k: ``L_mem`` averages the top-k memory terms of each new neuron.
+        value_amplifier_init: Initial value of the trainable per-dimension amplifier that
+            scales each new neuron's random value vector.
+        vocab_candidates: Between full refreshes (every 10 steps) the edit loss normalises
+            over each supervised position's top ``vocab_candidates`` tokens plus the targets,
+            instead of the whole vocabulary; whether the edit is fixed is always decided on
+            the whole vocabulary. ``0`` uses the whole vocabulary at every step (exact, slower
+            on large vocabularies).
+        memory_size: Most FFN-input vectors kept in the default memory bank.
+        add_edits_to_memory: After each edit, its own FFN inputs join the memory bank so
+            later neurons stay silent on earlier edits.
+        training_loop: ``"cached"`` optimises on a one-off capture of the last FFN's inputs
+            and of what follows it (fast); ``"full"`` runs the whole model every step (the
+            reference implementation's way, kept for comparison).
+        seed: Seeds the random value vectors of new neurons (edit ``i`` uses ``seed + i``).
+        target_module: Override the automatic choice of the last FFN: the dotted name of the
+            FFN module (for example ``"model.layers.29.mlp"``) in a supported architecture.
+        add_space_before_target: Insert a space between prompt and target when neither has
+            one, so ``edit("The capital of France is", "Paris")`` trains on `` Paris``.
+    """
+
+    max_neurons_per_edit: int = 5
+    lr: float = 1e-2
+    weight_decay: float = 0.01
+    grad_clip: float = 5.0
+    max_steps: int = 2000
+    plateau_patience: int = 10
+    plateau_factor: float = 0.5
+    memory_patience: int = 10
+    memory_tolerance: float = 1e-3
+    activation_weight: float = 1.0
+    memory_weight: float | None = None
+    memory_threshold: float | None = None
+    margin: float = 3.0
+    activation_top_k: int = 5
+    memory_top_k: int = 1000
+    value_amplifier_init: float = 10.0
+    vocab_candidates: int = 1024
+    memory_size: int = 20000
+    add_edits_to_memory: bool = True
+    training_loop: Literal["cached", "full"] = "cached"
+    seed: int = 0
+    target_module: str | None = None
+    add_space_before_target: bool = True
+
+    def __post_init__(self) -> None:
+        positive_ints = ("max_neurons_per_edit", "max_steps", "activation_top_k", "memory_top_k")
+        for name in positive_ints:
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"PatcherConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"PatcherConfig.lr must be > 0, got {self.lr}")
+        if self.training_loop not in ("cached", "full"):
+            raise ValueError(
+                f"PatcherConfig.training_loop must be 'cached' or 'full', got {self.training_loop!r}"
+            )
+
+    def resolved_memory_weight(self, task: str) -> float:
+        """``m`` for this task: the paper uses 5 for classification, 10 for generation."""
+        if self.memory_weight is not None:
+            return self.memory_weight
+        return 5.0 if task == "seq-cls" else 10.0
+
+    def resolved_memory_threshold(self, activation: str) -> float:
+        """``beta`` for this activation (see :data:`MEMORY_THRESHOLD_BY_ACTIVATION`)."""
+        if self.memory_threshold is not None:
+            return self.memory_threshold
+        return MEMORY_THRESHOLD_BY_ACTIVATION.get(activation, -3.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PatcherConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
