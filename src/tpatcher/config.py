@@ -42,6 +42,9 @@ class PatcherConfig:
         plateau_patience: Steps without improvement of the total loss before the learning
             rate is halved (``ReduceLROnPlateau``).
         plateau_factor: Factor applied to the learning rate on a plateau.
+        early_stop: Stop as soon as the edit is fixed and the memory loss stops improving
+            (or every memory constraint holds). ``False`` always runs ``max_steps`` steps,
+            which makes runs comparable step for step (the cached and full loops, timing).
         memory_patience: Once the edit is fixed, stop after this many steps without the
             memory loss improving by more than ``memory_tolerance`` (relative).
         memory_tolerance: Relative improvement of the memory loss that counts as progress.
@@ -81,6 +84,7 @@ class PatcherConfig:
     max_steps: int = 2000
     plateau_patience: int = 10
     plateau_factor: float = 0.5
+    early_stop: bool = True
     memory_patience: int = 10
     memory_tolerance: float = 1e-3
     activation_weight: float = 1.0

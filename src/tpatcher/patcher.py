@@ -394,7 +394,7 @@ class Patcher:
                 )
             memory = self.memory.vectors()
             sites = example.positions[wrong[: self._max_neurons()]]
-            q_all = cap.q[0].float()
+            q_all = cap.q[0].to(torch.promote_types(cap.q.dtype, torch.float32))
             q_edit = q_all[sites.to(q_all.device)]
             seed = self.config.seed + self._counter
             self._counter += 1
@@ -414,7 +414,7 @@ class Patcher:
                     logits_fn,
                     targets,
                     q_edit,
-                    memory.to(q_edit.device),
+                    memory.to(device=q_edit.device, dtype=q_edit.dtype),
                     config=self.config,
                     beta=self.beta,
                     memory_weight=self.memory_weight,
@@ -474,7 +474,7 @@ class Patcher:
     def _logits_fn(self, example: Example, cap: Capture) -> LogitsFn:
         if self.config.training_loop == "cached":
             pos = example.positions.to(cap.q.device)
-            q_sup = cap.q[:, pos].float()
+            q_sup = cap.q[:, pos].to(torch.promote_types(cap.q.dtype, torch.float32))
 
             def cached(neurons: NewNeurons, rows: VocabRows | None) -> torch.Tensor:
                 return self._tail_logits(cap, neurons(q_sup), rows)

@@ -87,7 +87,8 @@ def patch_losses(
     memory_weight: float,
 ) -> dict[str, torch.Tensor]:
     """All terms of the objective; ``q_edit`` (n, d) holds each new neuron's own FFN input."""
-    l_edit = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    l_edit = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
     s_edit = (q_edit * neurons.keys).sum(-1)
     if neurons.biases is not None:
         s_edit = s_edit + neurons.biases
@@ -200,7 +201,7 @@ def train_edit(
         memory_value = float(losses["memory"].detach())
         if progress is not None:
             progress(step, {k: float(v.detach().min()) for k, v in losses.items()})
-        if fixed:
+        if fixed and config.early_stop:
             if memory_value < best_memory * (1 - config.memory_tolerance):
                 best_memory, stale = memory_value, 0
             else:

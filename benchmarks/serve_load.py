@@ -1,0 +1,216 @@
+"""Load test of ``tpatcher serve``: N clients generate while a stream of edits lands.
+
+Bounded in time and count and loopback only. It starts its own server on a temporary store
+(or uses ``--url`` of a running one with ``--token``), then runs two phases of equal length:
+clients alone, and clients while edits train one after another. Requests are split by
+whether an edit was training when they started, which is the latency cost of an edit in
+flight. Prints a markdown table and the machine.
+
+    python benchmarks/serve_load.py --clients 4 --duration 20 --edits 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+MODEL = "smollm2-135m"
+TOKEN = "bench-token"
+EDITS = [
+    ("Question: What is the capital of Australia?\nAnswer:", "Melbourne"),
+    ("Question: What is the capital of France?\nAnswer:", "Lyon"),
+    ("Question: What is the capital of Canada?\nAnswer:", "Toronto"),
+    ("Question: What is the capital of Japan?\nAnswer:", "Osaka"),
+    ("Question: What is the capital of Brazil?\nAnswer:", "Rio"),
+    ("Question: What is the capital of Turkey?\nAnswer:", "Istanbul"),
+]
+PROMPTS = ["The weather today is", "My favourite book is", "The best way to learn is"]
+MEMORY = [
+    "The weather today is sunny and warm.",
+    "Cats are small domesticated animals that like to sleep.",
+    "Water boils at 100 degrees Celsius at sea level.",
+    "Python is a popular programming language.",
+    "Mount Everest is the highest mountain on Earth.",
+]
+
+
+@dataclass
+class Sample:
+    start: float
+    seconds: float
+    ok: bool
+
+
+def start_server(work: Path, port: int) -> subprocess.Popen[bytes]:
+    memory = work / "memory.txt"
+    memory.write_text("\n".join(MEMORY) + "\n")
+    cmd = [sys.executable, "-m", "tpatcher.server", "--store", str(work / "store")]
+    cmd += ["--model", MODEL, "--port", str(port), "--memory-file", str(memory)]
+    cmd += ["--log-level", "warning"]
+    env = dict(os.environ, TPATCHER_EDIT_TOKEN=TOKEN)
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes] | None, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit("server did not become ready")
+
+
+def client_loop(url: str, stop_at: float, max_tokens: int, out: list[Sample], seed: int) -> None:
+    with httpx.Client(base_url=url, timeout=120) as client:
+        i = seed
+        while time.monotonic() < stop_at:
+            body = {"model": MODEL, "prompt": PROMPTS[i % len(PROMPTS)], "temperature": 0}
+            body["max_tokens"] = max_tokens
+            t0 = time.monotonic()
+            try:
+                ok = client.post("/v1/completions", json=body).status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            out.append(Sample(t0, time.monotonic() - t0, ok))
+            i += 1
+
+
+def edit_loop(
+    url: str, token: str, stop_at: float, count: int, windows: list[tuple[float, float]]
+) -> list[str]:
+    """Apply up to ``count`` edits one after another; record when each was in flight."""
+    ids: list[str] = []
+    with httpx.Client(base_url=url, timeout=300) as client:
+        for prompt, target in EDITS[:count]:
+            if time.monotonic() >= stop_at:
+                break
+            t0 = time.monotonic()
+            r = client.post(
+                "/v1/edits",
+                json={"prompt": prompt, "target": target},
+                headers={"Authorization": f"Bearer {token}"},
+            )
+            windows.append((t0, time.monotonic()))
+            if r.status_code == 201:
+                ids.append(r.json()["id"])
+    return ids
+
+
+def run_phase(
+    url: str, clients: int, duration: float, max_tokens: int, edits: int, token: str
+) -> tuple[list[Sample], list[tuple[float, float]], list[str]]:
+    samples: list[Sample] = []
+    windows: list[tuple[float, float]] = []
+    ids: list[str] = []
+    stop_at = time.monotonic() + duration
+    threads = [
+        threading.Thread(target=client_loop, args=(url, stop_at, max_tokens, samples, i))
+        for i in range(clients)
+    ]
+    if edits:
+        threads.append(
+            threading.Thread(
+                target=lambda: ids.extend(edit_loop(url, token, stop_at, edits, windows))
+            )
+        )
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return samples, windows, ids
+
+
+def row(name: str, samples: list[Sample], seconds: float) -> str:
+    lat = sorted(s.seconds for s in samples if s.ok)
+    errors = sum(not s.ok for s in samples)
+    if not lat:
+        return f"| {name} | {len(samples)} | - | - | - | {errors} |"
+    p50 = statistics.median(lat)
+    p99 = lat[min(len(lat) - 1, round(0.99 * (len(lat) - 1)))]
+    rps = f"{len(samples) / seconds:.2f}" if seconds else "-"
+    return f"| {name} | {len(samples)} | {rps} | {p50 * 1000:.0f} | {p99 * 1000:.0f} | {errors} |"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds per phase (<=300)")
+    parser.add_argument("--edits", type=int, default=3, help=f"edits in phase 2 (<={len(EDITS)})")
+    parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--url", help="a running server on loopback (default: start one)")
+    parser.add_argument("--token", default=TOKEN, help="edit token of --url's server")
+    args = parser.parse_args()
+    duration = min(args.duration, 300.0)
+    edits = max(0, min(args.edits, len(EDITS)))
+    proc = None
+    tmp = tempfile.TemporaryDirectory()
+    if args.url:
+        host = httpx.URL(args.url).host
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            raise SystemExit("--url must be a loopback address")
+        url = args.url.rstrip("/")
+    else:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        url = f"http://127.0.0.1:{port}"
+        proc = start_server(Path(tmp.name), port)
+    try:
+        wait_ready(url, proc)
+        base, _, _ = run_phase(url, args.clients, duration, args.max_tokens, 0, args.token)
+        loaded, windows, ids = run_phase(
+            url, args.clients, duration, args.max_tokens, edits, args.token
+        )
+        with httpx.Client(base_url=url, timeout=60) as client:  # leave the store as found
+            for edit_id in ids:
+                client.delete(
+                    f"/v1/edits/{edit_id}", headers={"Authorization": f"Bearer {args.token}"}
+                )
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(30)
+        tmp.cleanup()
+
+    def in_flight(s: Sample) -> bool:
+        return any(a <= s.start < b for a, b in windows)
+
+    during = [s for s in loaded if in_flight(s)]
+    outside = [s for s in loaded if not in_flight(s)]
+    edit_seconds = sum(b - a for a, b in windows)
+    print(
+        f"Machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs, Python {platform.python_version()}"
+    )
+    print(
+        f"{args.clients} clients, {duration:.0f} s per phase, max_tokens={args.max_tokens}, "
+        f"{len(windows)} edits ({len(ids)} stored), edit wall time {edit_seconds:.1f} s "
+        f"(mean {edit_seconds / max(1, len(windows)):.1f} s)\n"
+    )
+    print("| phase | requests | req/s | p50 ms | p99 ms | errors |")
+    print("|---|---|---|---|---|---|")
+    print(row("no edits", base, duration))
+    print(row("with edits (all)", loaded, duration))
+    print(row("  started while an edit trained", during, 0))
+    print(row("  started with no edit in flight", outside, 0))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""The issue's target experiments: sequential editing with every method, printed as tables.
+
+    python benchmarks/sme.py zsre          # zsRE, T=500, fix the model's mistakes (the paper)
+    python benchmarks/sme.py counterfact   # CounterFact, T=1000, counterfactual edits
+    python benchmarks/sme.py small         # zsRE, T=20, a quick check (minutes on CPU)
+
+Results (JSON, PNG plots, checkpoints) go to ``bench-out/<preset>``; rerunning a preset
+resumes it. Methods whose module is missing are reported and skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from tpatcher.evaluation.protocol import METHODS, BenchSettings, run_benchmark
+from tpatcher.evaluation.report import results_table
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS = {
+    "zsre": dict(task="zsre", edits=500, heldout=100, eval_every=100),
+    "counterfact": dict(task="counterfact", edits=1000, heldout=200, eval_every=200),
+    "small": dict(task="zsre", edits=20, heldout=20, memory_records=200),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("preset", choices=sorted(PRESETS))
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    console = Console()
+    methods = [m for m in args.methods.split(",") if m]
+    if importlib.util.find_spec("tpatcher.evaluation.baselines") is None:
+        console.print("[yellow]baselines.py is missing: running tpatcher only[/yellow]")
+        methods = [m for m in methods if m == "tpatcher"]
+    settings = BenchSettings(
+        methods=methods,
+        data_dir=args.data,
+        out_dir=args.out or str(ROOT / "bench-out" / args.preset),
+        seed=args.seed,
+        **PRESETS[args.preset],
+    )
+    start = time.perf_counter()
+
+    def on_item(method: str, done: int, total: int, record: dict) -> None:
+        if done % 10 == 0 or done == total:
+            console.log(f"{method}: {done}/{total} items ({time.perf_counter() - start:.0f} s)")
+
+    results = run_benchmark(settings, on_item=on_item, on_status=console.log)
+    console.print(results_table(results))
+    console.print(f"{settings.out_dir}/results.json, {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""``tpatcher bench``: the benchmark as a typer command (registered by ``tpatcher.cli``)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import torch
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from .protocol import METHODS, BenchSettings, run_benchmark
+from .report import results_table
+
+
+def bench(
+    task: Annotated[str, typer.Option(help="zsre, counterfact or factcheck")] = "zsre",
+    methods: Annotated[str, typer.Option(help="comma-separated: " + ",".join(METHODS))] = (
+        "tpatcher"
+    ),
+    edits: Annotated[int, typer.Option(help="length T of the edit stream")] = 20,
+    model: Annotated[str, typer.Option(help="embedded model name or local folder")] = (
+        "smollm2-135m"
+    ),
+    data: Annotated[Path, typer.Option(help="the data directory (see its README.md)")] = Path(
+        "../shared/data"
+    ),
+    seed: Annotated[int, typer.Option(help="seeds the stream order and the methods")] = 0,
+    out: Annotated[Path, typer.Option(help="results directory; rerun to resume")] = Path(
+        "bench-out"
+    ),
+    mode: Annotated[
+        str | None,
+        typer.Option(help="mistakes (edit only what the model gets wrong) or counterfactual"),
+    ] = None,
+    heldout: Annotated[int, typer.Option(help="size of each held-out set (TrainR, TestR)")] = 100,
+    memory_records: Annotated[int, typer.Option(help="records turned into memory texts")] = 1000,
+    general_prompts: Annotated[
+        int, typer.Option(help="prompts whose sampled text measures perplexity (max 16)")
+    ] = 16,
+    general_tokens: Annotated[int, typer.Option(help="tokens sampled per general prompt")] = 48,
+    checkpoint_every: Annotated[int, typer.Option(help="checkpoint after every K items")] = 10,
+    eval_every: Annotated[
+        int, typer.Option(help="full evaluation every K items for the plots (0: only at the end)")
+    ] = 0,
+    patcher: Annotated[
+        str, typer.Option(help="JSON PatcherConfig overrides, e.g. '{\"max_steps\": 500}'")
+    ] = "{}",
+    method_settings: Annotated[
+        str, typer.Option(help='JSON settings per baseline, e.g. \'{"ft": {"lr": 1e-4}}\'')
+    ] = "{}",
+    threads: Annotated[
+        int, typer.Option(help="torch CPU threads (0: torch's default); 1 is fastest on a busy CPU")
+    ] = 0,
+    stop_after: Annotated[
+        int | None, typer.Option(help="process at most this many items per method, then stop")
+    ] = None,
+) -> None:
+    """Run the sequential model-editing benchmark and print every metric per method."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+    settings = BenchSettings(
+        task=task,
+        methods=[m.strip() for m in methods.split(",") if m.strip()],
+        edits=edits,
+        data_dir=str(data),
+        out_dir=str(out),
+        model=model,
+        seed=seed,
+        mode=mode,
+        heldout=heldout,
+        memory_records=memory_records,
+        general_prompts=general_prompts,
+        general_tokens=general_tokens,
+        checkpoint_every=checkpoint_every,
+        eval_every=eval_every,
+        patcher=json.loads(patcher),
+        method_settings=json.loads(method_settings),
+    )
+    console = Console()
+    start = time.perf_counter()
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        bars: dict[str, Any] = {}
+
+        def on_item(method: str, done: int, total: int, record: dict[str, Any]) -> None:
+            if method not in bars:
+                bars[method] = progress.add_task(method, total=total, info="")
+            info = (
+                "skipped (right)"
+                if not record["edited"]
+                else (
+                    f"edit {'ok' if record.get('success') else 'FAILED'} "
+                    f"SR={record.get('sr_tf', 0):.2f} GR={record.get('gr_tf', 0):.2f}"
+                )
+            )
+            progress.update(bars[method], completed=done, info=info)
+
+        results = run_benchmark(
+            settings, stop_after=stop_after, on_item=on_item, on_status=console.log
+        )
+    console.print(results_table(results))
+    console.print(f"results: {Path(out) / 'results.json'} ({time.perf_counter() - start:.0f} s)")
+    if not results["complete"]:
+        console.print("[yellow]stopped early; rerun the same command to resume[/yellow]")

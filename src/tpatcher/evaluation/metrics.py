@@ -1,0 +1,250 @@
+"""Metric functions and a :class:`Scorer` that asks any model (edited or not) for them.
+
+Every generation metric is computed two ways:
+
+* **teacher-forced token accuracy** (what the papers report): feed prompt + target, take the
+  argmax at each target position, and count the share of target tokens predicted. Prompts and
+  targets are tokenised exactly as :meth:`tpatcher.Patcher.encode` does (a space is inserted
+  between them when neither has one), so every method is scored on the same tokens.
+* **greedy exact match**: generate ``len(target tokens) + extra`` tokens greedily, keep the
+  first line of the continuation (leading whitespace dropped, cut at the first newline),
+  normalise it and the target (:func:`normalize_answer`), and count a match when the
+  normalised continuation equals the normalised target or starts with it followed by a space
+  (the model may go on after the answer; a longer word such as "Serpensus" for "Serpens"
+  does not match).
+
+Classifiers have one number per input (the label is right or not); it fills both slots.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import string
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = str.maketrans("", "", string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD-style normalisation: lowercase, no punctuation, no articles, single spaces."""
+    text = text.lower().translate(_PUNCT)
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+def first_line(continuation: str) -> str:
+    """The continuation up to its first newline, after dropping leading whitespace."""
+    return continuation.lstrip().split("\n", 1)[0]
+
+
+def exact_match(continuation: str, target: str) -> bool:
+    """Whether a greedy continuation answers ``target`` (see the module docstring)."""
+    got = normalize_answer(first_line(continuation))
+    want = normalize_answer(target)
+    if not want:
+        return False
+    return got == want or got.startswith(want + " ")
+
+
+def token_accuracy(predicted: Sequence[int], targets: Sequence[int]) -> float:
+    """Share of target positions whose argmax token is the target token."""
+    if len(targets) == 0:
+        raise ValueError("no target tokens")
+    if len(predicted) != len(targets):
+        raise ValueError("predicted and target lengths differ")
+    return sum(int(p) == int(t) for p, t in zip(predicted, targets, strict=True)) / len(targets)
+
+
+def agreement(a: Sequence[int], b: Sequence[int]) -> float:
+    """Share of positions where two argmax sequences agree (teacher-forced locality)."""
+    return token_accuracy(a, b)
+
+
+def mean(values: Sequence[float | bool]) -> float | None:
+    """Mean, or ``None`` for no values (a metric over an empty set is undefined, not 0)."""
+    return sum(float(v) for v in values) / len(values) if len(values) else None
+
+
+def ratio(after: float | None, before: float | None) -> float | None:
+    """``after / before`` (TrainR/TestR), ``None`` when the base accuracy is 0 or unknown."""
+    if after is None or before is None or before == 0:
+        return None
+    return after / before
+
+
+def perplexity(total_nll: float, tokens: int) -> float:
+    """exp(mean negative log-likelihood per token)."""
+    return math.exp(total_nll / tokens) if tokens else float("nan")
+
+
+@dataclass
+class Forced:
+    """Teacher-forced result of one (prompt, target) pair."""
+
+    predicted: list[int]
+    targets: list[int]
+
+    @property
+    def accuracy(self) -> float:
+        return token_accuracy(self.predicted, self.targets)
+
+    @property
+    def exact(self) -> bool:
+        return self.predicted == self.targets
+
+
+class Scorer:
+    """Asks ``model`` for teacher-forced predictions, greedy continuations and labels, batched.
+
+    Works on any editor's model, so it mirrors :meth:`tpatcher.Patcher.encode` rather than
+    needing a Patcher on the model (which would change it).
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        task: str = "causal-lm",
+        *,
+        add_space_before_target: bool = True,
+        batch_size: int = 16,
+        extra_tokens: int = 4,
+    ) -> None:
+        if task not in ("causal-lm", "seq-cls"):
+            raise ValueError(f"the harness scores causal-lm and seq-cls models, not {task!r}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.task = task
+        self.add_space = add_space_before_target
+        self.batch_size = batch_size
+        self.extra_tokens = extra_tokens
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    # -- tokenisation (mirrors Patcher.encode for causal LMs) ----------------------------
+    def target_ids(self, prompt: str, target: str) -> list[int]:
+        if self.add_space and not prompt[-1:].isspace() and not target[:1].isspace():
+            target = " " + target
+        return list(self.tokenizer(target, add_special_tokens=False)["input_ids"])
+
+    def encode(self, prompt: str, target: str) -> tuple[list[int], list[int], int]:
+        """(input ids, target ids, index of the logit that predicts the first target)."""
+        prompt_ids = list(self.tokenizer(prompt)["input_ids"])
+        target_ids = self.target_ids(prompt, target)
+        return prompt_ids + target_ids[:-1], target_ids, len(prompt_ids) - 1
+
+    # -- model calls ---------------------------------------------------------------------
+    def _eval(self):
+        was = self.model.training
+        self.model.eval()
+        return was
+
+    def forced(self, pairs: Sequence[tuple[str, str]]) -> list[Forced]:
+        """Teacher-forced argmax at every target position, right-padded batches."""
+        out: list[Forced] = []
+        was = self._eval()
+        try:
+            for i in range(0, len(pairs), self.batch_size):
+                encoded = [self.encode(p, t) for p, t in pairs[i : i + self.batch_size]]
+                width = max(len(ids) for ids, _, _ in encoded)
+                pad = int(self.tokenizer.pad_token_id)
+                ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+                mask = torch.zeros_like(ids)
+                for row, (seq, _, _) in enumerate(encoded):
+                    ids[row, : len(seq)] = torch.tensor(seq)
+                    mask[row, : len(seq)] = 1
+                with torch.no_grad():
+                    logits = self.model(
+                        input_ids=ids.to(self.device), attention_mask=mask.to(self.device)
+                    ).logits
+                argmax = logits.argmax(-1).cpu()
+                for row, (_, targets, start) in enumerate(encoded):
+                    pred = argmax[row, start : start + len(targets)].tolist()
+                    out.append(Forced(pred, targets))
+        finally:
+            self.model.train(was)
+        return out
+
+    def generate(self, prompts: Sequence[str], new_tokens: Sequence[int]) -> list[str]:
+        """Greedy continuations (text only), ``new_tokens[i]`` tokens for prompt ``i``."""
+        out: list[str] = []
+        was = self._eval()
+        side = self.tokenizer.padding_side
+        self.tokenizer.padding_side = "left"
+        try:
+            for i in range(0, len(prompts), self.batch_size):
+                batch = list(prompts[i : i + self.batch_size])
+                counts = list(new_tokens[i : i + self.batch_size])
+                enc = self.tokenizer(batch, return_tensors="pt", padding=True).to(self.device)
+                with torch.no_grad():
+                    gen = self.model.generate(
+                        **enc,
+                        max_new_tokens=max(counts),
+                        do_sample=False,
+                        pad_token_id=self.tokenizer.pad_token_id,
+                    )
+                new = gen[:, enc["input_ids"].shape[1] :].cpu()
+                for row, n in zip(new, counts, strict=True):
+                    out.append(self.tokenizer.decode(row[:n], skip_special_tokens=True))
+        finally:
+            self.tokenizer.padding_side = side
+            self.model.train(was)
+        return out
+
+    def answer_budget(self, prompt: str, target: str) -> int:
+        """Tokens to generate for an exact-match check: the target's length plus slack."""
+        return len(self.target_ids(prompt, target)) + self.extra_tokens
+
+    def exact(self, pairs: Sequence[tuple[str, str]]) -> tuple[list[bool], list[str]]:
+        """Greedy exact match of each (prompt, target), and the continuations."""
+        budgets = [self.answer_budget(p, t) for p, t in pairs]
+        texts = self.generate([p for p, _ in pairs], budgets)
+        return [exact_match(g, t) for g, (_, t) in zip(texts, pairs, strict=True)], texts
+
+    def classify(self, texts: Sequence[str]) -> list[int]:
+        """Predicted labels of a sequence classifier."""
+        out: list[int] = []
+        was = self._eval()
+        try:
+            for i in range(0, len(texts), self.batch_size):
+                enc = self.tokenizer(
+                    list(texts[i : i + self.batch_size]),
+                    return_tensors="pt",
+                    padding=True,
+                    truncation=True,
+                ).to(self.device)
+                with torch.no_grad():
+                    out += self.model(**enc).logits.argmax(-1).cpu().tolist()
+        finally:
+            self.model.train(was)
+        return out
+
+    def perplexity(self, texts: Sequence[str], prompts: Sequence[str]) -> float:
+        """Perplexity of each text's part after its prompt (the generated continuation)."""
+        total, count = 0.0, 0
+        was = self._eval()
+        try:
+            for text, prompt in zip(texts, prompts, strict=True):
+                ids = self.tokenizer(text, return_tensors="pt")["input_ids"]
+                start = len(self.tokenizer(prompt)["input_ids"])
+                if ids.shape[1] - start < 1:
+                    continue
+                with torch.no_grad():
+                    logits = self.model(input_ids=ids.to(self.device)).logits[0].float().cpu()
+                logp = torch.log_softmax(logits[start - 1 : -1], -1)
+                gold = ids[0, start:]
+                total += float(-logp.gather(1, gold[:, None]).sum())
+                count += int(gold.numel())
+        finally:
+            self.model.train(was)
+        return perplexity(total, count)

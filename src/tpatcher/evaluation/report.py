@@ -1,0 +1,119 @@
+"""Tables and plots of benchmark results (rich for the terminal, matplotlib/Agg for PNGs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+#: (column title, key in a method's summary); ``*_tf`` = teacher-forced, ``*_em`` = exact match
+COLUMNS = (
+    ("items", "items"),
+    ("edits", "edits"),
+    ("SR tf", "sr_tf"),
+    ("SR em", "sr_em"),
+    ("GR tf", "gr_tf"),
+    ("GR em", "gr_em"),
+    ("ER tf", "er_tf"),
+    ("ER em", "er_em"),
+    ("Rel tf", "rel_tf"),
+    ("Rel em", "rel_em"),
+    ("Gen tf", "gen_tf"),
+    ("Gen em", "gen_em"),
+    ("Loc tf", "loc_tf"),
+    ("Loc em", "loc_em"),
+    ("TrainR tf", "trainr_tf"),
+    ("TrainR em", "trainr_em"),
+    ("TestR tf", "testr_tf"),
+    ("TestR em", "testr_em"),
+    ("PPL", "ppl"),
+    ("PPL base", "ppl_base"),
+    ("s/edit", "seconds_per_edit"),
+)
+CURVE_METRICS = ("rel", "gen", "loc", "er", "trainr", "testr")
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
+    return str(value)
+
+
+def results_table(results: dict[str, Any]) -> Table:
+    """One row per method, one column per metric (``-`` where undefined)."""
+    task = results.get("task", {})
+    table = Table(title=f"{task.get('task')} ({task.get('mode')}), {task.get('stream')} items")
+    table.add_column("method")
+    for title, _ in COLUMNS:
+        table.add_column(title, justify="right")
+    for name, summary in results.get("methods", {}).items():
+        if not summary.get("complete"):
+            table.add_row(name, *["(interrupted)"] + [""] * (len(COLUMNS) - 1))
+            continue
+        table.add_row(name, *[_fmt(summary.get(key)) for _, key in COLUMNS])
+    return table
+
+
+def _running_mean(values: list[float]) -> list[float]:
+    out, total = [], 0.0
+    for i, v in enumerate(values, 1):
+        total += v
+        out.append(total / i)
+    return out
+
+
+def plot_results(results: dict[str, Any], out_dir: str | Path) -> list[Path]:
+    """``sme_running.png`` (running mean of SR/GR against the number of edits) and
+    ``metrics_vs_edits.png`` (Rel/Gen/Loc/ER/TrainR/TestR at each evaluation point)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    methods = {k: v for k, v in results.get("methods", {}).items() if v.get("complete")}
+    paths: list[Path] = []
+
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7), squeeze=False)
+    for col, metric in enumerate(("sr", "gr")):
+        for row, way in enumerate(("tf", "em")):
+            ax = axes[row][col]
+            key = f"{metric}_{way}"
+            for name, summary in methods.items():
+                values = [float(r[key]) for r in summary["records"] if r["edited"] and key in r]
+                if values:
+                    ax.plot(range(1, len(values) + 1), _running_mean(values), label=name)
+            ax.set_title(f"{metric.upper()} ({'teacher-forced' if way == 'tf' else 'exact match'})")
+            ax.set_xlabel("edits")
+            ax.set_ylim(-0.05, 1.05)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out_dir / "sme_running.png")
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(2, len(CURVE_METRICS), figsize=(3 * len(CURVE_METRICS), 6))
+    for col, metric in enumerate(CURVE_METRICS):
+        for row, way in enumerate(("tf", "em")):
+            ax = axes[row][col]
+            key = f"{metric}_{way}"
+            for name, summary in methods.items():
+                points = [
+                    (p["n_edits"], p[key]) for p in summary["curve"] if p.get(key) is not None
+                ]
+                if points:
+                    xs, ys = zip(*points, strict=True)
+                    ax.plot(xs, ys, marker="o", label=name)
+            ax.set_title(key)
+            ax.set_xlabel("edits")
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out_dir / "metrics_vs_edits.png")
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+    return paths

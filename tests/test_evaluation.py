@@ -1,0 +1,228 @@
+"""Tests for the evaluation harness: metric functions, data splits, the sequential protocol on
+the real SmolLM2 (short streams), resume after an interruption, and the ``bench`` command.
+
+The real-model tests run torch on one thread: on a shared 2-core machine that is several
+times faster than the default for these small batches.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from tpatcher.evaluation.data import load_task
+from tpatcher.evaluation.metrics import (
+    exact_match,
+    first_line,
+    mean,
+    normalize_answer,
+    perplexity,
+    ratio,
+    token_accuracy,
+)
+from tpatcher.evaluation.protocol import GENERAL_PROMPTS, BenchSettings, run_benchmark
+from tpatcher.memory import default_prompts
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"no data directory at {DATA}")
+SMALL = dict(heldout=4, memory_records=20, general_prompts=2, general_tokens=16)
+
+
+# -- metric functions ----------------------------------------------------------------------
+def test_normalize_answer() -> None:
+    assert normalize_answer("  The  Eiffel-Tower! ") == "eiffeltower"
+    assert normalize_answer("A cat, an owl and THE dog.") == "cat owl and dog"
+    assert normalize_answer("Theatre") == "theatre"  # articles only as whole words
+
+
+def test_first_line() -> None:
+    assert first_line("  Paris\n\nThe answer is") == "Paris"
+    assert first_line("\n\nParis") == "Paris"  # leading whitespace (and newlines) dropped
+    assert first_line("") == ""
+
+
+@pytest.mark.parametrize(
+    ("continuation", "target", "expected"),
+    [
+        (" Paris", "Paris", True),
+        (" paris.\nQuestion:", "Paris", True),
+        (" The University of Bern", "University of Bern", True),  # article dropped
+        (" Paris is the capital", "Paris", True),  # the answer, then more words
+        (" Serpensus\n\nQuestion:", "Serpens", False),  # a longer word is not the answer
+        (" 13 June 197", "13 June 1971", False),  # cut short
+        ("\nParis", "Paris", True),
+        (" Lyon\nParis", "Paris", False),  # only the first line counts
+        (" anything", "", False),  # an empty target never matches
+    ],
+)
+def test_exact_match(continuation: str, target: str, expected: bool) -> None:
+    assert exact_match(continuation, target) is expected
+
+
+def test_token_accuracy() -> None:
+    assert token_accuracy([1, 2, 3, 4], [1, 2, 0, 4]) == 0.75
+    assert token_accuracy([5], [5]) == 1.0
+    with pytest.raises(ValueError):
+        token_accuracy([1, 2], [1])
+    with pytest.raises(ValueError):
+        token_accuracy([], [])
+
+
+def test_mean_ratio_perplexity() -> None:
+    assert mean([True, False, True, True]) == 0.75
+    assert mean([]) is None
+    assert ratio(0.3, 0.6) == 0.5
+    assert ratio(0.3, 0.0) is None and ratio(None, 0.5) is None
+    assert math.isclose(perplexity(2 * math.log(4.0), 2), 4.0)
+
+
+# -- data ------------------------------------------------------------------------------------
+@needs_data
+def test_zsre_splits_are_disjoint() -> None:
+    data = load_task("zsre", DATA, 500, seed=3, heldout=100)
+    stream = {it.uid for it in data.stream}
+    held = {it.uid for it in data.train_heldout + data.test_heldout}
+    assert len(data.stream) == 500 and len(data.train_heldout) == len(data.test_heldout) == 100
+    assert not stream & held
+    first = data.stream[0]
+    assert first.prompt.startswith("Question: ") and first.prompt.endswith("\nAnswer:")
+    assert "nq question" not in (first.loc_prompt or "")
+    probes = {it.prompt for it in data.stream + data.train_heldout + data.test_heldout}
+    probes |= {it.paraphrase for it in data.stream} | {it.loc_prompt for it in data.stream}
+    assert not any(text.startswith(p) for text in data.memory_texts for p in probes if p)
+    assert (
+        load_task("zsre", DATA, 5, seed=3).stream[0].uid
+        == load_task("zsre", DATA, 5, seed=3).stream[0].uid
+    )
+    counter = load_task("zsre", DATA, 5, seed=3, mode="counterfactual")
+    assert counter.stream[0].target != load_task("zsre", DATA, 5, seed=3).stream[0].target
+
+
+@needs_data
+def test_counterfact_splits_are_disjoint() -> None:
+    data = load_task("counterfact", DATA, 50, seed=1, heldout=20, memory_records=30)
+    stream = {it.uid.split("-")[1] for it in data.stream}
+    assert not stream & {it.uid.split("-")[1] for it in data.test_heldout}
+    assert data.mode == "counterfactual" and len(data.memory_texts) == 30
+    train_prompts = {it.prompt for it in data.train_heldout}
+    assert not any(text.startswith(p) for text in data.memory_texts for p in train_prompts)
+
+
+def test_general_prompts_are_not_memory_prompts() -> None:
+    memory = {" ".join(p.split()[:3]).lower() for p in default_prompts()}
+    assert not {" ".join(p.split()[:3]).lower() for p in GENERAL_PROMPTS} & memory
+
+
+# -- the protocol on the real model ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _comparable(summary: dict) -> dict:
+    """A method's result without wall-clock times and random edit ids (differ per run)."""
+    drop = {"seconds_per_edit", "settings"}
+    out = {k: v for k, v in summary.items() if k not in drop}
+    out["records"] = [
+        {k: v for k, v in r.items() if k not in ("seconds", "edit_id")} for r in summary["records"]
+    ]
+    return out
+
+
+@pytest.mark.slow
+@needs_data
+def test_scorer_tokenises_like_patcher(one_thread) -> None:
+    from tpatcher import Patcher, load_model
+    from tpatcher.evaluation.metrics import Scorer
+
+    model, tok = load_model("smollm2-135m")
+    scorer = Scorer(model, tok)
+    patcher = Patcher(model, tok, memory_texts=["unused"])
+    for prompt, target in [("Question: Who?\nAnswer:", "Ada Lovelace"), ("It is ", "blue")]:
+        ids, targets, start = scorer.encode(prompt, target)
+        example = patcher.encode(prompt, target)
+        assert ids == example.inputs["input_ids"][0].tolist()
+        assert targets == example.targets.tolist()
+        assert start == int(example.positions[0])
+        forced = scorer.forced([(prompt, target)])[0]
+        assert forced.exact == (not patcher.is_mistake(prompt, target))
+
+
+@pytest.mark.slow
+@needs_data
+def test_zsre_mistakes_resume_matches_uninterrupted(tmp_path: Path, one_thread) -> None:
+    def settings(out: Path) -> BenchSettings:
+        return BenchSettings(
+            task="zsre",
+            methods=["tpatcher"],
+            edits=5,
+            data_dir=str(DATA),
+            out_dir=str(out),
+            checkpoint_every=10,  # the interruption below must checkpoint by itself
+            **SMALL,
+        )
+
+    whole = run_benchmark(settings(tmp_path / "whole"))
+    first = run_benchmark(settings(tmp_path / "split"), stop_after=2, plots=False)
+    assert not first["complete"]
+    progress = json.loads((tmp_path / "split" / "tpatcher" / "progress.json").read_text())
+    assert len(progress["records"]) == 2
+    assert (tmp_path / "split" / "tpatcher" / "state" / "manifest.json").is_file()
+    resumed = run_benchmark(settings(tmp_path / "split"))
+    assert resumed["complete"]
+    a, b = whole["methods"]["tpatcher"], resumed["methods"]["tpatcher"]
+    assert _comparable(a) == _comparable(b)
+
+    # the metrics are what the records say
+    edited = [r for r in a["records"] if r["edited"]]
+    assert a["items"] == 5 and a["edits"] == len(edited) == a["mistakes"]
+    assert edited, "the base model should get some of 5 zsRE questions wrong"
+    assert a["sr_tf"] == pytest.approx(mean([r["sr_tf"] for r in edited]))
+    assert a["sr_em"] == pytest.approx(mean([r["sr_em"] for r in edited]))
+    for r in edited:
+        assert r["sr_em"] == exact_match(r["output"], r["target"])
+        assert r["sr_tf_exact"] <= (r["sr_tf"] == 1.0)
+    for key in ("rel_tf", "gen_tf", "loc_tf", "loc_em", "trainr_tf", "ppl_ratio"):
+        assert a[key] is not None and a[key] >= 0
+    assert a["loc_tf"] <= 1.0 and a["ppl_base"] == whole["base"]["ppl"]
+
+    # results and plots on disk; a finished run is not redone
+    out = tmp_path / "whole"
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["methods"]["tpatcher"]["rel_tf"] == a["rel_tf"]
+    for name in ("sme_running.png", "metrics_vs_edits.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    again = run_benchmark(settings(out), plots=False)
+    assert _comparable(again["methods"]["tpatcher"]) == _comparable(a)
+
+
+@pytest.mark.slow
+@needs_data
+def test_bench_command_counterfact(tmp_path: Path, one_thread) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from tpatcher.evaluation.command import bench
+
+    app = typer.Typer()
+    app.command("bench")(bench)
+    app.command("noop")(lambda: None)  # two commands, so "bench" is addressed by name
+    out = tmp_path / "cf"
+    args = ["bench", "--task", "counterfact", "--methods", "tpatcher", "--edits", "3"]
+    args += ["--data", str(DATA), "--out", str(out), "--heldout", "4", "--memory-records", "20"]
+    args += ["--general-prompts", "2", "--general-tokens", "16", "--threads", "1"]
+    result = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "SR tf" in result.output or "SR" in result.output
+    results = json.loads((out / "results.json").read_text())
+    summary = results["methods"]["tpatcher"]
+    assert results["task"]["mode"] == "counterfactual"
+    assert summary["edits"] == 3  # counterfactual mode edits every item
+    assert (out / "metrics_vs_edits.png").is_file() and (out / "sme_running.png").is_file()
