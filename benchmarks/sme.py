@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PRESETS = {
     "zsre": dict(task="zsre", edits=500, heldout=100, eval_every=100),
     "counterfact": dict(task="counterfact", edits=1000, heldout=200, eval_every=200),
-    "small": dict(task="zsre", edits=20, heldout=20, memory_records=200),
+    "small": dict(task="zsre", edits=20, heldout=20, memory_records=200, eval_every=10),
 }
 
 

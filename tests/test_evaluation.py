@@ -226,3 +226,101 @@ def test_bench_command_counterfact(tmp_path: Path, one_thread) -> None:
     assert results["task"]["mode"] == "counterfactual"
     assert summary["edits"] == 3  # counterfactual mode edits every item
     assert (out / "metrics_vs_edits.png").is_file() and (out / "sme_running.png").is_file()
+
+
+class _FakeScorer:
+    """Answers from fixed tables, so evaluate_state can be checked by hand."""
+
+    task = "causal-lm"
+
+    def __init__(self, forced: dict, generated: dict) -> None:
+        self._forced, self._generated = forced, generated
+
+    def forced(self, pairs):
+        from tpatcher.evaluation.metrics import Forced
+
+        return [Forced(list(self._forced[p]), [1] * len(self._forced[p])) for p, _ in pairs]
+
+    def answer_budget(self, prompt, target):
+        return 5
+
+    def generate(self, prompts, budgets):
+        return [self._generated[p] for p in prompts]
+
+    def exact(self, pairs):
+        texts = self.generate([p for p, _ in pairs], None)
+        return [exact_match(g, t) for g, (_, t) in zip(texts, pairs, strict=True)], texts
+
+    def perplexity(self, texts, prompts):
+        return 6.0
+
+
+def test_evaluate_state_by_hand() -> None:
+    from tpatcher.evaluation.data import EditItem, TaskData
+    from tpatcher.evaluation.protocol import evaluate_state
+
+    items = [
+        EditItem("a", "pa", "x", "qa", "la", "y"),
+        EditItem("b", "pb", "x", "qb", "lb", "y"),
+        EditItem("c", "pc", "x", None, "lc", "y"),
+    ]
+    held = [EditItem("h", "ph", "x")]
+    data = TaskData("zsre", "mistakes", "causal-lm", items, held, held, [], "none")
+    forced = {"pa": [1, 1], "pb": [1, 0], "pc": [1, 1], "qa": [0, 0], "qb": [1, 1]}
+    forced |= {"la": [1, 1], "lb": [1, 2], "lc": [7, 7], "ph": [1, 0]}
+    generated = {"pa": " x", "pb": " z", "pc": " x.", "qa": " x y", "qb": " no"}
+    generated |= {"la": " Same", "lb": " other", "lc": "same\n", "ph": " x"}
+    base = {
+        "loc": {
+            "a": {"pred": [1, 1], "text": "same"},
+            "b": {"pred": [1, 1], "text": " other"},
+            "c": {"pred": [7, 0], "text": " different"},
+        },
+        "train": {"tf": 1.0, "em": 0.5},
+        "test": {"tf": 0.0, "em": 0.5},
+        "general": {"texts": [], "prompts": [], "ppl": 4.0},
+    }
+    records = [
+        {"uid": "a", "edited": True, "sr_tf_exact": True, "sr_em": True},
+        {"uid": "b", "edited": True, "sr_tf_exact": True, "sr_em": False},
+        {"uid": "c", "edited": True, "sr_tf_exact": False, "sr_em": True},
+        {"uid": "a", "edited": False},  # not edited: ignored
+    ]
+    out = evaluate_state(_FakeScorer(forced, generated), data, base, records)
+    assert out["n_edits"] == 3
+    assert out["rel_tf"] == pytest.approx((1 + 0.5 + 1) / 3)
+    assert out["rel_em"] == pytest.approx(2 / 3)  # " z" misses; " x." matches after normalising
+    assert out["gen_tf"] == pytest.approx(0.5) and out["gen_em"] == pytest.approx(0.5)
+    assert out["er_tf"] == pytest.approx(0.5)  # a and b were right; b no longer is
+    assert out["er_em"] == pytest.approx(1.0)  # a and c were right; both still are
+    assert out["loc_tf"] == pytest.approx((1 + 0.5 + 0.5) / 3)
+    assert out["loc_em"] == pytest.approx(2 / 3)  # "Same" = "same"; "different" changed
+    assert out["train_tf"] == 0.5 and out["trainr_tf"] == 0.5 and out["testr_tf"] is None
+    assert out["train_em"] == 1.0 and out["trainr_em"] == 2.0
+    assert out["ppl"] == 6.0 and out["ppl_ratio"] == 1.5
+
+
+@pytest.mark.slow
+@needs_data
+def test_factcheck_tpatcher(tmp_path: Path, one_thread) -> None:
+    factcheck = pytest.importorskip("tpatcher.evaluation.factcheck")
+    folder = factcheck.classifier_dir(factcheck.ClassifierSettings())
+    if not (folder / "config.json").is_file():
+        pytest.skip("the claim classifier is not cached (training it takes minutes)")
+    settings = BenchSettings(
+        task="factcheck",
+        methods=["tpatcher"],
+        edits=8,
+        data_dir=str(DATA),
+        out_dir=str(tmp_path),
+        heldout=8,
+        memory_records=40,
+    )
+    results = run_benchmark(settings, plots=False)
+    summary = results["methods"]["tpatcher"]
+    edited = [r for r in summary["records"] if r["edited"]]
+    assert summary["edits"] == summary["mistakes"] == len(edited)
+    for r in edited:  # a classifier's scores are 0/1 and both forms agree
+        assert r["sr_tf"] in (0.0, 1.0) and r["sr_em"] == (r["sr_tf"] == 1.0)
+        assert r["sr_em"] == (r["output"] == r["target"])
+    assert "ppl" not in summary and summary["trainr_tf"] == summary["trainr_em"]

@@ -40,7 +40,10 @@ def get_submodule(root: nn.Module, path: str) -> nn.Module:
 
 
 class VocabRows:
-    """A subset of the output vocabulary; slices of the head's weights are taken once."""
+    """A subset of the output vocabulary; slices of the head's weights are taken once.
+
+    ``take`` caches by tensor identity, so it is only for long-lived tensors (weights).
+    """
 
     def __init__(self, index: torch.Tensor) -> None:
         self.index = index

@@ -489,7 +489,9 @@ class Patcher:
                     logits = self._logits_at(self._run(example.inputs), example.positions)
             finally:
                 self.model.train(was_training)
-            return logits if rows is None else rows.take(logits, dim=1)
+            if rows is None:
+                return logits
+            return logits.index_select(1, rows.index.to(logits.device))
 
         return full
 

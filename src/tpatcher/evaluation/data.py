@@ -131,7 +131,7 @@ def _zsre(
     gold = [item(i, records[i]["answers"][0]) for i in train_ids + test_ids]
     memory = [f"{zsre_prompt(records[i]['src'])} {records[i]['answers'][0]}" for i in memory_ids]
     source = f"{len(memory)} zsRE records outside the stream and held-out sets (question+answer)"
-    if len(memory) < min(50, memory_records):  # long streams leave few zsRE records
+    if len(memory) < memory_records:  # long streams leave few zsRE records: top up
         extra = _read_json(data_dir / "counterfact" / "counterfact-train.json")
         extra = _shuffled(extra, seed)[: max(0, memory_records - len(memory))]
         memory += [f"{r['prompt']} {r['ground_truth']}" for r in extra]

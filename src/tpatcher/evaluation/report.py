@@ -43,17 +43,20 @@ def _fmt(value: Any) -> str:
 
 
 def results_table(results: dict[str, Any]) -> Table:
-    """One row per method, one column per metric (``-`` where undefined)."""
+    """One row per metric, one column per method (``-`` where undefined); narrow enough
+    for an 80-column terminal with four methods."""
     task = results.get("task", {})
     table = Table(title=f"{task.get('task')} ({task.get('mode')}), {task.get('stream')} items")
-    table.add_column("method")
-    for title, _ in COLUMNS:
-        table.add_column(title, justify="right")
-    for name, summary in results.get("methods", {}).items():
-        if not summary.get("complete"):
-            table.add_row(name, *["(interrupted)"] + [""] * (len(COLUMNS) - 1))
-            continue
-        table.add_row(name, *[_fmt(summary.get(key)) for _, key in COLUMNS])
+    table.add_column("metric")
+    methods = results.get("methods", {})
+    for name in methods:
+        table.add_column(name, justify="right")
+    for title, key in COLUMNS:
+        row = [
+            _fmt(summary.get(key)) if summary.get("complete") else "(stopped)"
+            for summary in methods.values()
+        ]
+        table.add_row(title, *row)
     return table
 
 
@@ -110,6 +113,8 @@ def plot_results(results: dict[str, Any], out_dir: str | Path) -> list[Path]:
                     ax.plot(xs, ys, marker="o", label=name)
             ax.set_title(key)
             ax.set_xlabel("edits")
+            if not ax.lines:
+                ax.text(0.5, 0.5, "undefined", ha="center", va="center", transform=ax.transAxes)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=7)
     fig.tight_layout()

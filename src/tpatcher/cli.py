@@ -1,0 +1,239 @@
+"""The ``tpatcher`` command: demo, edit, generate, info, bench and serve."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from .config import PatcherConfig
+from .errors import TPatcherError
+
+app = typer.Typer(
+    help="Fix a transformer's mistakes one at a time by adding neurons to its last FFN.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+
+ModelOption = Annotated[
+    str, typer.Option("--model", "-m", help="Embedded model name or local Hugging Face folder")
+]
+PatchDir = Annotated[Path, typer.Argument(help="Patch directory (manifest.json + edits/)")]
+
+
+def _fail(error: Exception) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {error}")
+    return typer.Exit(code=2)
+
+
+def _load(model_name: str, patch_dir: Path | None, memory_file: Path | None = None):
+    from .models import load_model
+    from .patcher import Patcher
+
+    with console.status(f"loading {model_name}"):
+        model, tokenizer = load_model(model_name)
+    memory = None
+    if memory_file is not None:
+        memory = [line for line in memory_file.read_text("utf-8").splitlines() if line.strip()]
+    if patch_dir is not None and (patch_dir / "manifest.json").exists():
+        return Patcher.load(model, tokenizer, patch_dir, memory_texts=memory)
+    return Patcher(model, tokenizer, PatcherConfig(), memory_texts=memory)
+
+
+@app.command()
+def edit(
+    patch_dir: PatchDir,
+    prompt: Annotated[str, typer.Option(help="The input the model gets wrong")],
+    target: Annotated[str, typer.Option(help="The correct output (or label for a classifier)")],
+    model: ModelOption = "smollm2-135m",
+    memory_file: Annotated[
+        Path | None, typer.Option(help="Memory texts, one per line (default: built-in bank)")
+    ] = None,
+) -> None:
+    """Add one edit to a patch directory (created if missing)."""
+    try:
+        patcher = _load(model, patch_dir, memory_file)
+        label = int(target) if patcher.task == "seq-cls" and target.isdigit() else None
+        with console.status("training the patch"):
+            if label is not None:
+                result = patcher.edit(prompt, label=label)
+            else:
+                result = patcher.edit(prompt, target)
+        if result.success and not result.already_correct:
+            patcher.save(patch_dir)
+    except (TPatcherError, OSError) as error:
+        raise _fail(error) from error
+    if result.already_correct:
+        console.print("The model already gets this right; nothing changed.")
+    elif result.success:
+        console.print(
+            f"edit [bold]{result.edit_id}[/] added: {result.neurons} neuron(s), "
+            f"{result.steps} steps, {result.seconds:.2f} s; saved to {patch_dir}"
+        )
+    else:
+        console.print(f"[yellow]edit failed:[/] {result.message}; {patch_dir} unchanged")
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="Text to continue")],
+    patch_dir: Annotated[Path | None, typer.Option(help="Patch directory to apply")] = None,
+    model: ModelOption = "smollm2-135m",
+    max_new_tokens: Annotated[int, typer.Option(min=1, max=2048)] = 32,
+) -> None:
+    """Answer a prompt with a patch directory loaded (greedy decoding)."""
+    try:
+        patcher = _load(model, patch_dir)
+        if patcher.task == "seq-cls":
+            console.print(str(patcher.classify(prompt)))
+        else:
+            console.print(patcher.generate(prompt, max_new_tokens), markup=False)
+    except (TPatcherError, OSError) as error:
+        raise _fail(error) from error
+
+
+@app.command()
+def info(patch_dir: PatchDir) -> None:
+    """List a patch directory's edits and the base model it belongs to."""
+    from .persistence import read_manifest
+
+    try:
+        manifest = read_manifest(patch_dir)
+    except TPatcherError as error:
+        raise _fail(error) from error
+    console.print(
+        f"base model: [bold]{manifest.get('base_model')}[/] "
+        f"(fingerprint {str(manifest.get('fingerprint'))[:12]}, "
+        f"patched {manifest.get('patched_module')})"
+    )
+    table = Table("id", "created", "neurons", "prompt", "target")
+    for entry in manifest["edits"]:
+        target = entry.get("target") if entry.get("target") is not None else entry.get("label")
+        table.add_row(
+            entry["id"], str(entry.get("created", "")), str(entry.get("neurons", "")),
+            str(entry.get("prompt", "")), str(target),
+        )
+    console.print(table)
+    console.print(f"{len(manifest['edits'])} edit(s)")
+
+
+@app.command()
+def demo(
+    model: ModelOption = "smollm2-135m",
+    save_to: Annotated[Path | None, typer.Option(help="Also save the patch here")] = None,
+    limit: Annotated[int, typer.Option(help="Patch at most this many mistakes")] = 8,
+) -> None:
+    """Find facts the model gets wrong, patch them one by one, and show before and after."""
+    from .demo_facts import CONTROL_QUESTIONS, FACTS, question_prompt
+
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        patcher = _load(model, None)
+        if patcher.task == "seq-cls":
+            raise TPatcherError("the demo needs a generative model")
+        console.print(f"memory bank: building or loading ({patcher.config.memory_size} vectors)")
+        with console.status("memory bank"):
+            source = patcher.memory.source
+        console.print(f"memory bank: {len(patcher.memory)} vectors from {source}")
+        controls = {q: patcher.generate(question_prompt(q), 12) for q in CONTROL_QUESTIONS}
+        rows = []
+        with Progress(console=console) as progress:
+            task = progress.add_task("checking and patching facts", total=len(FACTS))
+            for fact in FACTS:
+                prompt = question_prompt(fact.question)
+                before = patcher.generate(prompt, 12)
+                if len(rows) >= limit or not patcher.is_mistake(prompt, fact.answer):
+                    progress.advance(task)
+                    continue
+                para_before = patcher.generate(question_prompt(fact.paraphrase), 12)
+                result = patcher.edit(prompt, fact.answer)
+                rows.append(
+                    (
+                        fact,
+                        before,
+                        patcher.generate(prompt, 12),
+                        para_before,
+                        patcher.generate(question_prompt(fact.paraphrase), 12),
+                        result,
+                    )
+                )
+                progress.advance(task)
+    except (TPatcherError, OSError) as error:
+        raise _fail(error) from error
+    _print_demo(rows, patcher, controls)
+    if save_to is not None:
+        patcher.save(save_to)
+        console.print(f"patch saved to {save_to} ({len(patcher.edits)} edits)")
+
+
+def _first_line(text: str) -> str:
+    stripped = text.strip()
+    return stripped.splitlines()[0] if stripped else "(nothing)"
+
+
+def _print_demo(rows: list, patcher, controls: dict[str, str]) -> None:
+    from .demo_facts import question_prompt
+
+    table = Table(title="Mistakes patched one after another", show_lines=True)
+    for column in ("question", "target", "before", "after", "s/edit", "paraphrase after"):
+        table.add_column(column, overflow="fold")
+    for fact, before, after, _para_before, para_after, result in rows:
+        ok = "[green]" if fact.answer.lower() in after.lower() else "[red]"
+        para_ok = "[green]" if fact.answer.lower() in para_after.lower() else "[yellow]"
+        seconds = f"{result.seconds:.2f}" if result.success else "failed"
+        table.add_row(
+            fact.question, fact.answer, _first_line(before), ok + _first_line(after),
+            seconds, para_ok + fact.paraphrase + " → " + _first_line(para_after),
+        )
+    console.print(table)
+    fixed = sum(fact.answer.lower() in after.lower() for fact, _, after, *_ in rows)
+    general = sum(fact.answer.lower() in para.lower() for fact, _, _, _, para, _ in rows)
+    times = sorted(r.seconds for *_, r in rows if r.success)
+    median = times[len(times) // 2] if times else float("nan")
+    console.print(
+        f"{len(rows)} mistakes patched: {fixed} now answered right, {general} paraphrases "
+        f"right; median {median:.2f} s per edit; {patcher.num_neurons} neurons added"
+    )
+    kept = 0
+    check = Table(title="Unrelated questions (must answer as before)")
+    check.add_column("question")
+    check.add_column("answer before and after")
+    check.add_column("same?")
+    for question, before in controls.items():
+        after = patcher.generate(question_prompt(question), 12)
+        same = after == before
+        kept += same
+        check.add_row(question, _first_line(after), "[green]yes" if same else "[red]no")
+    console.print(check)
+    console.print(f"{kept}/{len(controls)} unrelated answers unchanged")
+
+
+def _register_optional_commands() -> None:
+    from .evaluation.command import bench
+    from .server.command import serve
+
+    app.command("bench")(bench)
+    app.command("serve")(serve)
+
+
+_register_optional_commands()
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    start = time.perf_counter()
+    try:
+        app()
+    finally:
+        logging.getLogger("tpatcher").debug("finished in %.1f s", time.perf_counter() - start)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

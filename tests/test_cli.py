@@ -1,0 +1,48 @@
+"""The ``tpatcher`` command on the real default model."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from tpatcher.cli import app
+
+runner = CliRunner()
+
+
+def test_demo_patches_real_mistakes(tmp_path) -> None:
+    result = runner.invoke(app, ["demo", "--limit", "3", "--save-to", str(tmp_path / "p")])
+    assert result.exit_code == 0, result.output
+    assert "mistakes patched" in result.output
+    assert "unrelated answers unchanged" in result.output
+    manifest = json.loads((tmp_path / "p" / "manifest.json").read_text())
+    assert 1 <= len(manifest["edits"]) <= 3
+
+
+def test_edit_generate_info_round_trip(tmp_path) -> None:
+    patch = tmp_path / "patch"
+    prompt = "Question: What is the capital of Nigeria?\nAnswer:"
+    result = runner.invoke(app, ["edit", str(patch), "--prompt", prompt, "--target", "Abuja"])
+    assert result.exit_code == 0, result.output
+    assert "added" in result.output
+    result = runner.invoke(app, ["generate", prompt, "--patch-dir", str(patch), "--max-new-tokens", "3"])
+    assert result.exit_code == 0 and "Abuja" in result.output, result.output
+    result = runner.invoke(app, ["info", str(patch)])
+    assert result.exit_code == 0 and "1 edit(s)" in result.output and "Abuja" in result.output
+
+
+def test_cli_errors_are_clear_and_change_nothing(tmp_path) -> None:
+    patch = tmp_path / "patch"
+    result = runner.invoke(app, ["edit", str(patch), "--prompt", "", "--target", "x"])
+    assert result.exit_code == 2 and "prompt is empty" in result.output
+    assert not patch.exists()
+    result = runner.invoke(app, ["info", str(tmp_path / "nothing")])
+    assert result.exit_code == 2 and "not a patch directory" in result.output
+    patch.mkdir()
+    (patch / "manifest.json").write_text("{broken")
+    result = runner.invoke(app, ["edit", str(patch), "--prompt", "Hi", "--target", "there"])
+    assert result.exit_code == 2 and "damaged" in result.output
+    assert (patch / "manifest.json").read_text() == "{broken"
+    result = runner.invoke(app, ["generate", "hello", "--model", "no-such-model"])
+    assert result.exit_code == 2 and "smollm2-135m" in result.output

