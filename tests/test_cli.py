@@ -26,7 +26,8 @@ def test_edit_generate_info_round_trip(tmp_path) -> None:
     result = runner.invoke(app, ["edit", str(patch), "--prompt", prompt, "--target", "Abuja"])
     assert result.exit_code == 0, result.output
     assert "added" in result.output
-    result = runner.invoke(app, ["generate", prompt, "--patch-dir", str(patch), "--max-new-tokens", "3"])
+    args = ["generate", prompt, "--patch-dir", str(patch), "--max-new-tokens", "3"]
+    result = runner.invoke(app, args)
     assert result.exit_code == 0 and "Abuja" in result.output, result.output
     result = runner.invoke(app, ["info", str(patch)])
     assert result.exit_code == 0 and "1 edit(s)" in result.output and "Abuja" in result.output

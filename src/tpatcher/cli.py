@@ -118,8 +118,11 @@ def info(patch_dir: PatchDir) -> None:
     for entry in manifest["edits"]:
         target = entry.get("target") if entry.get("target") is not None else entry.get("label")
         table.add_row(
-            entry["id"], str(entry.get("created", "")), str(entry.get("neurons", "")),
-            str(entry.get("prompt", "")), str(target),
+            entry["id"],
+            str(entry.get("created", "")),
+            str(entry.get("neurons", "")),
+            str(entry.get("prompt", "")),
+            str(target),
         )
     console.print(table)
     console.print(f"{len(manifest['edits'])} edit(s)")
@@ -190,8 +193,12 @@ def _print_demo(rows: list, patcher, controls: dict[str, str]) -> None:
         para_ok = "[green]" if fact.answer.lower() in para_after.lower() else "[yellow]"
         seconds = f"{result.seconds:.2f}" if result.success else "failed"
         table.add_row(
-            fact.question, fact.answer, _first_line(before), ok + _first_line(after),
-            seconds, para_ok + fact.paraphrase + " → " + _first_line(para_after),
+            fact.question,
+            fact.answer,
+            _first_line(before),
+            ok + _first_line(after),
+            seconds,
+            para_ok + fact.paraphrase + " → " + _first_line(para_after),
         )
     console.print(table)
     fixed = sum(fact.answer.lower() in after.lower() for fact, _, after, *_ in rows)

@@ -111,7 +111,8 @@ class PatcherConfig:
             raise ValueError(f"PatcherConfig.lr must be > 0, got {self.lr}")
         if self.training_loop not in ("cached", "full"):
             raise ValueError(
-                f"PatcherConfig.training_loop must be 'cached' or 'full', got {self.training_loop!r}"
+                "PatcherConfig.training_loop must be 'cached' or 'full', "
+                f"got {self.training_loop!r}"
             )
 
     def resolved_memory_weight(self, task: str) -> float:

@@ -631,7 +631,7 @@ class Patcher:
                     new = out
                 else:
                     new = out[:, enc["input_ids"].shape[1] :]
-                for prompt, ids in zip(batch, new):
+                for prompt, ids in zip(batch, new, strict=True):
                     texts.append(prompt + self.tokenizer.decode(ids, skip_special_tokens=True))
         finally:
             self.tokenizer.padding_side = side
@@ -645,6 +645,7 @@ class Patcher:
             "adapter": self.adapter.name,
             "patched_module": self.block_path,
             "config": self.config.to_dict(),
+            "edits_attempted": self._counter,  # seeds the next edit's neurons (seed + count)
             "edits": [r.to_manifest() for r in self.records.values()],
         }
 
@@ -727,6 +728,7 @@ class Patcher:
                 )
             )
         self.layer.state = state
+        self._counter = max(self._counter, int(manifest.get("edits_attempted", len(records))))
         for record_ in records:
             self.records[record_.edit_id] = record_
             if self._memory is not None and self.config.add_edits_to_memory:
