@@ -169,6 +169,7 @@ def main() -> None:
     parser.add_argument("--gen-tokens", type=int, default=32)
     parser.add_argument("--gen-runs", type=int, default=7, help="interleaved rounds")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--vocab-candidates", type=int, default=PatcherConfig.vocab_candidates)
     args = parser.parse_args()
     torch.set_grad_enabled(True)
 
@@ -182,7 +183,8 @@ def main() -> None:
     )
     results: dict = {"model": label, "device": device_name, "torch": torch.__version__}
     for loop in ("cached", "full"):
-        patcher = Patcher(model, tokenizer, PatcherConfig(training_loop=loop), memory_texts=memory)
+        config = PatcherConfig(training_loop=loop, vocab_candidates=args.vocab_candidates)
+        patcher = Patcher(model, tokenizer, config, memory_texts=memory)
         _ = patcher.memory  # built before timing
         count = args.edits if loop == "cached" else (args.full_edits or args.edits)
         rows = time_edits(patcher, edits, count)
