@@ -182,6 +182,13 @@ def _first_line(text: str) -> str:
     return stripped.splitlines()[0] if stripped else "(nothing)"
 
 
+def _answered(answer: str, text: str) -> bool:
+    """Whether the first line of ``text`` starts with ``answer`` as a whole word or phrase."""
+    line = _first_line(text).lower()
+    answer = answer.lower()
+    return line.startswith(answer) and not line[len(answer) : len(answer) + 1].isalnum()
+
+
 def _print_demo(rows: list, patcher, controls: dict[str, str]) -> None:
     from .demo_facts import question_prompt
 
@@ -189,8 +196,8 @@ def _print_demo(rows: list, patcher, controls: dict[str, str]) -> None:
     for column in ("question", "target", "before", "after", "s/edit", "paraphrase after"):
         table.add_column(column, overflow="fold")
     for fact, before, after, _para_before, para_after, result in rows:
-        ok = "[green]" if fact.answer.lower() in after.lower() else "[red]"
-        para_ok = "[green]" if fact.answer.lower() in para_after.lower() else "[yellow]"
+        ok = "[green]" if _answered(fact.answer, after) else "[red]"
+        para_ok = "[green]" if _answered(fact.answer, para_after) else "[yellow]"
         seconds = f"{result.seconds:.2f}" if result.success else "failed"
         table.add_row(
             fact.question,
@@ -201,13 +208,14 @@ def _print_demo(rows: list, patcher, controls: dict[str, str]) -> None:
             para_ok + fact.paraphrase + " → " + _first_line(para_after),
         )
     console.print(table)
-    fixed = sum(fact.answer.lower() in after.lower() for fact, _, after, *_ in rows)
-    general = sum(fact.answer.lower() in para.lower() for fact, _, _, _, para, _ in rows)
+    fixed = sum(_answered(fact.answer, after) for fact, _, after, *_ in rows)
+    general = sum(_answered(fact.answer, para) for fact, _, _, _, para, _ in rows)
     times = sorted(r.seconds for *_, r in rows if r.success)
     median = times[len(times) // 2] if times else float("nan")
     console.print(
-        f"{len(rows)} mistakes patched: {fixed} now answered right, {general} paraphrases "
-        f"right; median {median:.2f} s per edit; {patcher.num_neurons} neurons added"
+        f"{len(rows)} mistakes patched: {fixed} now start their answer with the target, "
+        f"{general} paraphrases do; median {median:.2f} s per edit; "
+        f"{patcher.num_neurons} neurons added"
     )
     kept = 0
     check = Table(title="Unrelated questions (must answer as before)")
