@@ -29,7 +29,13 @@ from .adapters import (
 )
 from .capture import record
 from .config import PatcherConfig
-from .errors import InvalidEditError, PatchDirectoryError, TrainingError, UnknownEditError
+from .errors import (
+    InvalidEditError,
+    PatchDirectoryError,
+    TrainingError,
+    UnknownEditError,
+    UnsupportedModelError,
+)
 from .layer import NeuronState, NewNeurons, PatchLayer
 from .memory import (
     DEFAULT_SOURCE,
@@ -153,6 +159,12 @@ class Patcher:
 
         value_proj = get_submodule(self.block, self.adapter.value_proj)
         key_proj = get_submodule(self.block, self.adapter.key_proj)
+        if value_proj.weight.device.type == "meta":
+            raise UnsupportedModelError(
+                f"the last FFN ({block_path}) is offloaded (its weights are on the 'meta' "
+                "device); tpatcher patches and fingerprints the last layer, so it must be "
+                "resident: map that layer to a GPU or the CPU without offloading"
+            )
         self.activation = self.adapter.activation(model.config)
         self.layer = PatchLayer(
             get_submodule(self.block, self.adapter.ffn_input),
@@ -206,7 +218,11 @@ class Patcher:
 
     @property
     def input_device(self) -> torch.device:
-        return self.model.get_input_embeddings().weight.device
+        """Where inputs go: the embedding's execution device (accelerate may offload it)."""
+        embeddings = self.model.get_input_embeddings()
+        hook = getattr(embeddings, "_hf_hook", None)
+        device = getattr(hook, "execution_device", None)
+        return torch.device(device) if device is not None else embeddings.weight.device
 
     @property
     def num_labels(self) -> int:
