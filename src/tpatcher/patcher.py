@@ -149,7 +149,6 @@ class Patcher:
         self.block = get_submodule(model, block_path)
         self.task = self.adapter.task
         self.base_model_name = base_model_name or _model_name(model)
-        model.requires_grad_(False)
         self._memory_texts = list(memory_texts) if memory_texts is not None else None
         self._memory_source = memory_source
         self._memory: MemoryBank | None = None
@@ -176,6 +175,7 @@ class Patcher:
             device=value_proj.weight.device,
             hidden_size=_hidden_size(value_proj),
         )
+        model.requires_grad_(False)  # base weights are frozen; only new neurons train
         self.beta = self.config.resolved_memory_threshold(self.activation)
         self.memory_weight = self.config.resolved_memory_weight(self.task)
         self._fingerprint: str | None = None
