@@ -29,10 +29,10 @@ from .adapters import (
 )
 from .capture import record
 from .config import PatcherConfig
+from .encoding import Example, context_length, encode_edit
 from .errors import (
     InvalidEditError,
     PatchDirectoryError,
-    TrainingError,
     UnknownEditError,
     UnsupportedModelError,
 )
@@ -96,15 +96,6 @@ class EditRecord:
             "steps": self.steps,
             "seconds": round(self.seconds, 4),
         }
-
-
-@dataclass
-class Example:
-    """One tokenised edit: model inputs and the supervised positions."""
-
-    inputs: dict[str, torch.Tensor]
-    positions: torch.Tensor  # positions in the FFN's sequence whose outputs are supervised
-    targets: torch.Tensor  # token ids (generation) or the label (classification)
 
 
 @dataclass
@@ -231,74 +222,14 @@ class Patcher:
     # -- encoding ------------------------------------------------------------------------
     def encode(self, prompt: str, target: str | int | None) -> Example:
         """Tokenise an edit, refusing inputs that cannot be trained on."""
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise InvalidEditError("the prompt is empty")
-        if self.task == "seq-cls":
-            label = self._label_index(target)
-            ids = self.tokenizer(prompt, return_tensors="pt")
-            self._check_length(ids["input_ids"].shape[1], "the text")
-            return Example(dict(ids), torch.tensor([0]), torch.tensor([label]))
-        if not isinstance(target, str) or not target.strip():
-            raise InvalidEditError("the target is empty")
-        target_ids = self._target_ids(prompt, target)
-        if self.task == "seq2seq":
-            enc = self.tokenizer(prompt, return_tensors="pt")
-            self._check_length(enc["input_ids"].shape[1], "the prompt")
-            self._check_length(len(target_ids), "the target")
-            labels = torch.tensor([target_ids])
-            decoder_input_ids = self.model.prepare_decoder_input_ids_from_labels(labels=labels)
-            inputs = dict(enc, decoder_input_ids=decoder_input_ids)
-            return Example(inputs, torch.arange(len(target_ids)), labels[0])
-        prompt_ids = self.tokenizer(prompt)["input_ids"]
-        if not prompt_ids:
-            raise InvalidEditError("the prompt tokenises to nothing")
-        ids = prompt_ids + target_ids[:-1]
-        self._check_length(len(prompt_ids) + len(target_ids), "the prompt and target")
-        input_ids = torch.tensor([ids])
-        start = len(prompt_ids) - 1
-        positions = torch.arange(start, start + len(target_ids))
-        inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
-        return Example(inputs, positions, torch.tensor(target_ids))
-
-    def _target_ids(self, prompt: str, target: str) -> list[int]:
-        if (
-            self.config.add_space_before_target
-            and self.task == "causal-lm"
-            and not prompt[-1:].isspace()
-            and not target[:1].isspace()
-        ):
-            target = " " + target
-        if self.task == "seq2seq":
-            ids = self.tokenizer(text_target=target)["input_ids"]
-        else:
-            ids = self.tokenizer(target, add_special_tokens=False)["input_ids"]
-        if not ids:
-            raise InvalidEditError(f"the target {target!r} tokenises to nothing")
-        return list(ids)
-
-    def _label_index(self, label: str | int | None) -> int:
-        if isinstance(label, str):
-            mapping = {str(k).lower(): int(v) for k, v in self.model.config.label2id.items()}
-            if label.lower() not in mapping:
-                raise InvalidEditError(
-                    f"label {label!r} is not one of the head's labels {sorted(mapping)}"
-                )
-            return mapping[label.lower()]
-        if isinstance(label, bool) or not isinstance(label, int):
-            raise InvalidEditError(f"a classification edit needs an integer label, got {label!r}")
-        if not 0 <= label < self.num_labels:
-            raise InvalidEditError(
-                f"label {label} is outside the head's {self.num_labels} labels "
-                f"(0..{self.num_labels - 1})"
-            )
-        return label
-
-    def _check_length(self, length: int, what: str) -> None:
-        limit = _context_length(self.model)
-        if limit is not None and length > limit:
-            raise InvalidEditError(
-                f"{what} is {length} tokens, longer than the model's context of {limit}"
-            )
+        return encode_edit(
+            self.tokenizer,
+            self.model,
+            prompt,
+            target,
+            task=self.task,
+            add_space_before_target=self.config.add_space_before_target,
+        )
 
     # -- forward passes ------------------------------------------------------------------
     def _points(self) -> dict[str, tuple[nn.Module, str]]:
@@ -424,21 +355,18 @@ class Patcher:
             ).to(q_edit.device)
             targets = example.targets.to(cap.logits.device)
             logits_fn = self._logits_fn(example, cap)
-            try:
-                outcome = train_edit(
-                    neurons,
-                    logits_fn,
-                    targets,
-                    q_edit,
-                    memory.to(device=q_edit.device, dtype=q_edit.dtype),
-                    config=self.config,
-                    beta=self.beta,
-                    memory_weight=self.memory_weight,
-                    vocab_size=cap.logits.shape[-1],
-                    progress=progress,
-                )
-            except TrainingError:
-                raise
+            outcome = train_edit(
+                neurons,
+                logits_fn,
+                targets,
+                q_edit,
+                memory.to(device=q_edit.device, dtype=q_edit.dtype),
+                config=self.config,
+                beta=self.beta,
+                memory_weight=self.memory_weight,
+                vocab_size=cap.logits.shape[-1],
+                progress=progress,
+            )
             seconds = time.perf_counter() - start
             if not outcome.fixed:
                 return EditResult(
@@ -587,7 +515,7 @@ class Patcher:
     def _batch(self, texts: list[str]) -> dict[str, torch.Tensor]:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        limit = _context_length(self.model) or 512
+        limit = context_length(self.model) or 512
         enc = dict(
             self.tokenizer(
                 texts, return_tensors="pt", padding=True, truncation=True, max_length=limit
@@ -861,15 +789,6 @@ def _grow_in(module: nn.Module, values: torch.Tensor) -> None:
 def _hidden_size(value_proj: nn.Module) -> int:
     weight = value_proj.weight
     return int(weight.shape[1] if _is_conv1d(value_proj) else weight.shape[0])
-
-
-def _context_length(model: PreTrainedModel) -> int | None:
-    config = model.config
-    for name in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def _model_name(model: PreTrainedModel) -> str:
