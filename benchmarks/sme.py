@@ -2,6 +2,7 @@
 
     python benchmarks/sme.py zsre          # zsRE, T=500, fix the model's mistakes (the paper)
     python benchmarks/sme.py counterfact   # CounterFact, T=1000, counterfactual edits
+    python benchmarks/sme.py factcheck     # claims from CounterFact, fix the classifier's mistakes
     python benchmarks/sme.py small         # zsRE, T=20, a quick check (minutes on CPU)
 
 Results (JSON, PNG plots, checkpoints) go to ``bench-out/<preset>``; rerunning a preset
@@ -23,8 +24,9 @@ from tpatcher.evaluation.report import results_table
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = {
-    "zsre": dict(task="zsre", edits=500, heldout=100, eval_every=100),
-    "counterfact": dict(task="counterfact", edits=1000, heldout=200, eval_every=200),
+    "zsre": dict(task="zsre", edits=500, heldout=100, eval_every=125, batch_size=32),
+    "counterfact": dict(task="counterfact", edits=1000, heldout=200, eval_every=250, batch_size=32),
+    "factcheck": dict(task="factcheck", edits=1000, heldout=200, eval_every=250, batch_size=64),
     "small": dict(task="zsre", edits=20, heldout=20, memory_records=200, eval_every=10),
 }
 
@@ -37,6 +39,8 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="torch device for every model (cuda)")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     console = Console()
@@ -49,6 +53,7 @@ def main() -> None:
         data_dir=args.data,
         out_dir=args.out or str(ROOT / "bench-out" / args.preset),
         seed=args.seed,
+        device=args.device,
         **PRESETS[args.preset],
     )
     start = time.perf_counter()
@@ -57,7 +62,9 @@ def main() -> None:
         if done % 10 == 0 or done == total:
             console.log(f"{method}: {done}/{total} items ({time.perf_counter() - start:.0f} s)")
 
-    results = run_benchmark(settings, on_item=on_item, on_status=console.log)
+    results = run_benchmark(
+        settings, on_item=on_item, on_status=console.log, plots=not args.no_plots
+    )
     console.print(results_table(results))
     console.print(f"{settings.out_dir}/results.json, {time.perf_counter() - start:.0f} s")
 

@@ -136,6 +136,26 @@ def _comparable(summary: dict) -> dict:
     return out
 
 
+def test_generate_batches_by_budget_and_keeps_order() -> None:
+    """Batching prompts by their token budget returns each prompt's own continuation."""
+    from tiny import make_model, make_tokenizer
+
+    from tpatcher.evaluation.metrics import Scorer
+
+    tok = make_tokenizer("llama")
+    model = make_model("llama")
+    prompts = ["the capital of france is", "who wrote", "the river", "paris is in", "a cat"]
+    budgets = [5, 1, 3, 1, 4]
+    batched = Scorer(model, tok, batch_size=2).generate(prompts, budgets)
+    alone = [
+        Scorer(model, tok, batch_size=1).generate([p], [n])[0]
+        for p, n in zip(prompts, budgets, strict=True)
+    ]
+    assert batched == alone
+    assert all(len(text.split()) <= n for text, n in zip(alone, budgets, strict=True))
+    assert len(alone[0].split()) > 1  # a long budget is not cut to the batch's shortest
+
+
 @pytest.mark.slow
 @needs_data
 def test_scorer_tokenises_like_patcher(one_thread) -> None:

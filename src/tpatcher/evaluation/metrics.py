@@ -176,15 +176,21 @@ class Scorer:
         return out
 
     def generate(self, prompts: Sequence[str], new_tokens: Sequence[int]) -> list[str]:
-        """Greedy continuations (text only), ``new_tokens[i]`` tokens for prompt ``i``."""
-        out: list[str] = []
+        """Greedy continuations (text only), ``new_tokens[i]`` tokens for prompt ``i``.
+
+        Prompts are batched in order of their token budget, so one long answer does not make
+        a whole batch generate its length; the results come back in the input order.
+        """
+        order = sorted(range(len(prompts)), key=lambda i: new_tokens[i])
+        out: list[str] = [""] * len(prompts)
         was = self._eval()
         side = self.tokenizer.padding_side
         self.tokenizer.padding_side = "left"
         try:
-            for i in range(0, len(prompts), self.batch_size):
-                batch = list(prompts[i : i + self.batch_size])
-                counts = list(new_tokens[i : i + self.batch_size])
+            for i in range(0, len(order), self.batch_size):
+                rows = order[i : i + self.batch_size]
+                batch = [prompts[j] for j in rows]
+                counts = [new_tokens[j] for j in rows]
                 enc = self.tokenizer(batch, return_tensors="pt", padding=True).to(self.device)
                 with torch.no_grad():
                     gen = self.model.generate(
@@ -194,8 +200,8 @@ class Scorer:
                         pad_token_id=self.tokenizer.pad_token_id,
                     )
                 new = gen[:, enc["input_ids"].shape[1] :].cpu()
-                for row, n in zip(new, counts, strict=True):
-                    out.append(self.tokenizer.decode(row[:n], skip_special_tokens=True))
+                for j, row, n in zip(rows, new, counts, strict=True):
+                    out[j] = self.tokenizer.decode(row[:n], skip_special_tokens=True)
         finally:
             self.tokenizer.padding_side = side
             self.model.train(was)

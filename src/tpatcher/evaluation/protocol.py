@@ -95,6 +95,7 @@ class BenchSettings:
     patcher: dict[str, Any] = field(default_factory=dict)
     method_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     classifier_cache: str | None = None
+    device: str = "cpu"
 
     def key(self) -> str:
         """Identifies the data and base evaluation; a resumed run must match it."""
@@ -126,14 +127,16 @@ def _read_json(path: Path) -> Any:
 def load_base_model(
     settings: BenchSettings, kind: str
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A fresh, unedited model for the task (every method gets its own)."""
+    """A fresh, unedited model for the task (every method gets its own), on ``settings.device``."""
     if kind == "seq-cls":
         from .factcheck import load_claim_classifier
 
-        return load_claim_classifier(settings.data_dir, settings.classifier_cache)
-    from ..models import load_model
+        model, tok = load_claim_classifier(settings.data_dir, settings.classifier_cache)
+    else:
+        from ..models import load_model
 
-    return load_model(settings.model)
+        model, tok = load_model(settings.model)
+    return model.to(settings.device), tok
 
 
 def _scorer(model: PreTrainedModel, tok: PreTrainedTokenizerBase, s: BenchSettings, kind: str):
@@ -418,9 +421,11 @@ def run_method(
             checkpoint()
     checkpoint()
     scorer.model = editor.model
-    metrics = evaluate_state(scorer, data, base, records)
     curve = progress["curve"]
-    if not curve or curve[-1]["items"] != len(records):
+    if curve and curve[-1]["items"] == len(records):  # the last curve point is this state
+        metrics = {k: v for k, v in curve[-1].items() if k != "items"}
+    else:
+        metrics = evaluate_state(scorer, data, base, records)
         curve.append(dict(metrics, items=len(records)))
     final = summarize(method, editor, records, metrics, curve, settings)
     _write_json(final_path, final)
@@ -483,6 +488,7 @@ def summarize(
         "key": settings.method_key(method),
         "method": method,
         "complete": True,
+        "device": settings.device,
         "items": len(records),
         "mistakes": sum(bool(r["mistake"]) for r in records),
         "edits": len(edited),
