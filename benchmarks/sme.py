@@ -20,7 +20,7 @@ import torch
 from rich.console import Console
 
 from tpatcher.evaluation.protocol import METHODS, BenchSettings, run_benchmark
-from tpatcher.evaluation.report import results_table
+from tpatcher.evaluation.report import markdown_table, results_table
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = {
@@ -41,6 +41,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="torch device for every model (cuda)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--markdown", action="store_true", help="also print a Markdown table")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     console = Console()
@@ -66,6 +67,8 @@ def main() -> None:
         settings, on_item=on_item, on_status=console.log, plots=not args.no_plots
     )
     console.print(results_table(results))
+    if args.markdown:
+        print(markdown_table(results))
     console.print(f"{settings.out_dir}/results.json, {time.perf_counter() - start:.0f} s")
 
 

@@ -344,3 +344,16 @@ def test_factcheck_tpatcher(tmp_path: Path, one_thread) -> None:
         assert r["sr_tf"] in (0.0, 1.0) and r["sr_em"] == (r["sr_tf"] == 1.0)
         assert r["sr_em"] == (r["output"] == r["target"])
     assert "ppl" not in summary and summary["trainr_tf"] == summary["trainr_em"]
+
+
+def test_markdown_table_has_every_method_and_the_average() -> None:
+    from tpatcher.evaluation.report import markdown_table
+
+    done = {"complete": True, "rel_tf": 1.0, "gen_tf": 0.5, "loc_tf": 0.9, "rel_em": 1.0}
+    results = {"methods": {"tpatcher": dict(done, device="cuda"), "ft": {"complete": False}}}
+    lines = markdown_table(results).splitlines()
+    assert lines[0] == "| metric | tpatcher | ft |"
+    assert "| avg(Rel, Gen, Loc) tf | 0.800 | - |" in lines
+    assert "| avg(Rel, Gen, Loc) em | 1.000 | - |" in lines  # only the defined parts
+    assert "| Rel tf | 1.000 | (stopped) |" in lines
+    assert lines[-1] == "| device | cuda | cpu |"

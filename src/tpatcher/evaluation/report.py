@@ -60,6 +60,33 @@ def results_table(results: dict[str, Any]) -> Table:
     return table
 
 
+def markdown_table(results: dict[str, Any]) -> str:
+    """The same table as :func:`results_table`, as GitHub Markdown (for BENCHMARKS.md), with
+    the average of Rel, Gen and Loc (teacher-forced and exact match; over the parts that are
+    defined) and the device added."""
+    methods = results.get("methods", {})
+    rows = [["metric", *methods], ["---"] * (len(methods) + 1)]
+    for title, key in COLUMNS:
+        rows.append(
+            [title]
+            + [
+                _fmt(summary.get(key)) if summary.get("complete") else "(stopped)"
+                for summary in methods.values()
+            ]
+        )
+    for kind in ("tf", "em"):
+        averages = []
+        for summary in methods.values():
+            parts = [summary.get(f"{m}_{kind}") for m in ("rel", "gen", "loc")]
+            known = [p for p in parts if p is not None]
+            averages.append(
+                _fmt(sum(known) / len(known)) if known and summary.get("complete") else "-"
+            )
+        rows.append([f"avg(Rel, Gen, Loc) {kind}", *averages])
+    rows.append(["device", *[str(s.get("device", "cpu")) for s in methods.values()]])
+    return "\n".join("| " + " | ".join(row) + " |" for row in rows)
+
+
 def _running_mean(values: list[float]) -> list[float]:
     out, total = [], 0.0
     for i, v in enumerate(values, 1):
