@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import time
 from pathlib import Path
 
@@ -42,6 +43,15 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="torch device for every model (cuda)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--markdown", action="store_true", help="also print a Markdown table")
+    parser.add_argument(
+        "--stop-after", type=int, default=None, help="process at most N items, then checkpoint"
+    )
+    parser.add_argument(
+        "--patcher",
+        default="{}",
+        help="PatcherConfig overrides as JSON, e.g. '{\"include_default_memory\": true}' "
+        "(use another --out: changed settings restart the method there)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     console = Console()
@@ -55,6 +65,7 @@ def main() -> None:
         out_dir=args.out or str(ROOT / "bench-out" / args.preset),
         seed=args.seed,
         device=args.device,
+        patcher=json.loads(args.patcher),
         **PRESETS[args.preset],
     )
     start = time.perf_counter()
@@ -64,7 +75,11 @@ def main() -> None:
             console.log(f"{method}: {done}/{total} items ({time.perf_counter() - start:.0f} s)")
 
     results = run_benchmark(
-        settings, on_item=on_item, on_status=console.log, plots=not args.no_plots
+        settings,
+        stop_after=args.stop_after,
+        on_item=on_item,
+        on_status=console.log,
+        plots=not args.no_plots,
     )
     console.print(results_table(results))
     if args.markdown:

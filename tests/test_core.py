@@ -326,6 +326,16 @@ def test_target_module_override() -> None:
         Patcher(model, tok, PatcherConfig(target_module="model.nothing"))
 
 
+def test_default_memory_can_join_the_users_memory(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("TPATCHER_CACHE", str(tmp_path))
+    own = make_patcher("llama").memory
+    generic = Patcher(make_model("llama"), make_tokenizer("llama")).memory
+    both = make_patcher("llama", include_default_memory=True).memory
+    assert both.base.shape[0] == own.base.shape[0] + generic.base.shape[0]
+    assert torch.equal(both.base, torch.cat([own.base, generic.base]))
+    assert both.source.startswith(own.source) and generic.source in both.source
+
+
 def test_config_rejects_nonsense() -> None:
     with pytest.raises(ValueError, match="max_steps"):
         PatcherConfig(max_steps=0)

@@ -65,6 +65,9 @@ class PatcherConfig:
             the whole vocabulary. ``0`` uses the whole vocabulary at every step (exact, slower
             on large vocabularies).
         memory_size: Most FFN-input vectors kept in the default memory bank.
+        include_default_memory: With memory texts of your own, also keep the default bank
+            (tpatcher's generic prompts and the unedited model's continuations of them), so
+            new neurons stay silent on general text as well as on your domain's text.
         add_edits_to_memory: After each edit, its own FFN inputs join the memory bank so
             later neurons stay silent on earlier edits.
         training_loop: ``"cached"`` optimises on a one-off capture of the last FFN's inputs
@@ -96,6 +99,7 @@ class PatcherConfig:
     value_amplifier_init: float = 10.0
     vocab_candidates: int = 1024
     memory_size: int = 20000
+    include_default_memory: bool = False
     add_edits_to_memory: bool = True
     training_loop: Literal["cached", "full"] = "cached"
     seed: int = 0

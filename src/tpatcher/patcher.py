@@ -533,14 +533,21 @@ class Patcher:
         if self._memory_texts is not None:
             vectors = subsample(self.memory_vectors(self._memory_texts), limit, self.config.seed)
             source = self._memory_source or f"{len(self._memory_texts)} user-supplied texts"
+            if self.config.include_default_memory:
+                vectors = torch.cat([vectors, self._default_bank(limit)])
+                source = f"{source}; and {DEFAULT_SOURCE}"
             logger.info("memory bank: %d vectors from %s", vectors.shape[0], source)
             return MemoryBank(vectors, source)
+        vectors = self._default_bank(limit)
+        logger.info("memory bank: %d vectors from %s", vectors.shape[0], DEFAULT_SOURCE)
+        return MemoryBank(vectors, DEFAULT_SOURCE)
+
+    def _default_bank(self, limit: int) -> torch.Tensor:
+        """The default memory vectors, cached per model fingerprint."""
         prompts = default_prompts()
         key = cache_key(self.fingerprint, prompts, f"{self.task}-{limit}-v1")
         with self.disabled():
-            vectors = cached_vectors(key, lambda: self._default_vectors(prompts, limit))
-        logger.info("memory bank: %d vectors from %s", vectors.shape[0], DEFAULT_SOURCE)
-        return MemoryBank(vectors, DEFAULT_SOURCE)
+            return cached_vectors(key, lambda: self._default_vectors(prompts, limit))
 
     def _default_vectors(self, prompts: list[str], limit: int) -> torch.Tensor:
         """FFN inputs over generic prompts and the unedited model's own continuations."""
