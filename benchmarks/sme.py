@@ -44,6 +44,9 @@ def main() -> None:
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--markdown", action="store_true", help="also print a Markdown table")
     parser.add_argument(
+        "--eval-every", type=int, default=None, help="items between curve points (preset's)"
+    )
+    parser.add_argument(
         "--stop-after", type=int, default=None, help="process at most N items, then checkpoint"
     )
     parser.add_argument(
@@ -68,6 +71,8 @@ def main() -> None:
         patcher=json.loads(args.patcher),
         **PRESETS[args.preset],
     )
+    if args.eval_every is not None:
+        settings.eval_every = args.eval_every
     start = time.perf_counter()
 
     def on_item(method: str, done: int, total: int, record: dict) -> None:
