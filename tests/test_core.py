@@ -336,11 +336,39 @@ def test_default_memory_can_join_the_users_memory(tmp_path, monkeypatch) -> None
     assert both.source.startswith(own.source) and generic.source in both.source
 
 
+def test_relu_neurons_are_exactly_silent_below_zero_and_survive_save_load(tmp_path) -> None:
+    patcher = make_patcher("llama", neuron_activation="relu")  # the FFN itself uses SiLU
+    assert (patcher.activation, patcher.ffn_activation) == ("relu", "silu")
+    result = patcher.edit(*edit_args(patcher))
+    assert result.success, result.message
+    q = patcher.memory_vectors(OTHER + MEMORY_TEXTS)
+    state = patcher.layer.state
+    silent = (q @ state.keys.T <= 0).all(dim=1)
+    assert silent.any()
+    assert torch.equal(patcher.layer.committed_output(q[silent]), torch.zeros_like(q[silent]))
+    expected = logits(patcher, PROMPT)
+    patcher.save(tmp_path)
+    loaded = Patcher.load(make_model("llama"), make_tokenizer("llama"), tmp_path)
+    assert loaded.activation == "relu"
+    assert torch.equal(logits(loaded, PROMPT), expected)
+
+
+def test_merge_refuses_neurons_with_another_activation() -> None:
+    patcher = make_patcher("llama", neuron_activation="relu")
+    assert patcher.edit(*edit_args(patcher)).success
+    before = logits(patcher, PROMPT)
+    with pytest.raises(UnsupportedModelError, match="cannot be folded"):
+        patcher.merge()
+    assert torch.equal(logits(patcher, PROMPT), before)  # the patch is still attached
+
+
 def test_config_rejects_nonsense() -> None:
     with pytest.raises(ValueError, match="max_steps"):
         PatcherConfig(max_steps=0)
     with pytest.raises(ValueError, match="training_loop"):
         PatcherConfig(training_loop="fast")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="neuron_activation"):
+        PatcherConfig(neuron_activation="sparkle")
     assert PatcherConfig().resolved_memory_threshold("silu") == -8.0
     assert PatcherConfig().resolved_memory_threshold("gelu") == -3.0
     assert PatcherConfig().resolved_memory_weight("seq-cls") == 5.0

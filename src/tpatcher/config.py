@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
+from transformers.activations import ACT2FN
+
 #: Memory threshold beta per FFN activation, chosen so that phi(beta) is negligible.
 #: GELU(-3) = -0.004 (the paper's value); SiLU decays much more slowly (SiLU(-3) = -0.14),
 #: so a SiLU neuron must be pushed to -8 (SiLU(-8) = -0.003) to be equally silent.
@@ -64,6 +66,11 @@ class PatcherConfig:
             instead of the whole vocabulary; whether the edit is fixed is always decided on
             the whole vocabulary. ``0`` uses the whole vocabulary at every step (exact, slower
             on large vocabularies).
+        neuron_activation: Activation of the new neurons; ``None`` uses the FFN's own (the
+            paper's choice, and what :meth:`~tpatcher.Patcher.merge` needs). ``"relu"`` makes
+            a neuron exactly silent wherever its pre-activation is below zero, whereas SiLU
+            and GELU neurons still emit their small negative tails on text the memory bank
+            does not cover; a ReLU patch on a SiLU or GELU FFN cannot be merged.
         memory_size: Most FFN-input vectors kept in the default memory bank.
         include_default_memory: With memory texts of your own, also keep the default bank
             (tpatcher's generic prompts and the unedited model's continuations of them), so
@@ -98,6 +105,7 @@ class PatcherConfig:
     memory_top_k: int = 1000
     value_amplifier_init: float = 10.0
     vocab_candidates: int = 1024
+    neuron_activation: str | None = None
     memory_size: int = 20000
     include_default_memory: bool = False
     add_edits_to_memory: bool = True
@@ -113,6 +121,11 @@ class PatcherConfig:
                 raise ValueError(f"PatcherConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"PatcherConfig.lr must be > 0, got {self.lr}")
+        if self.neuron_activation is not None and self.neuron_activation not in ACT2FN:
+            raise ValueError(
+                f"PatcherConfig.neuron_activation {self.neuron_activation!r} is not an "
+                "activation transformers knows (for example 'relu', 'gelu', 'silu')"
+            )
         if self.training_loop not in ("cached", "full"):
             raise ValueError(
                 "PatcherConfig.training_loop must be 'cached' or 'full', "

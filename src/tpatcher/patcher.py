@@ -155,7 +155,8 @@ class Patcher:
                 "device); tpatcher patches and fingerprints the last layer, so it must be "
                 "resident: map that layer to a GPU or the CPU without offloading"
             )
-        self.activation = self.adapter.activation(model.config)
+        self.ffn_activation = self.adapter.activation(model.config)
+        self.activation = self.config.neuron_activation or self.ffn_activation
         self.layer = PatchLayer(
             get_submodule(self.block, self.adapter.ffn_input),
             get_submodule(self.block, self.adapter.ffn_output),
@@ -726,8 +727,15 @@ class Patcher:
 
         The copy needs no tpatcher at run time. Its last FFN is wider than the config says,
         so it runs in memory but ``save_pretrained`` cannot round-trip it; keep the patch
-        directory as the saved form.
+        directory as the saved form. Neurons whose activation is not the FFN's
+        (``neuron_activation``) cannot be folded in; that is refused.
         """
+        if self.layer.state.size and self.activation != self.ffn_activation:
+            raise UnsupportedModelError(
+                f"this patch's neurons use {self.activation!r} but the FFN uses "
+                f"{self.ffn_activation!r}, so they cannot be folded into it; keep the patch "
+                "directory (and tpatcher) instead, or edit with neuron_activation=None"
+            )
         self.layer.remove()
         try:
             merged = copy.deepcopy(self.model)
