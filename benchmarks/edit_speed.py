@@ -170,6 +170,11 @@ def main() -> None:
     parser.add_argument("--gen-runs", type=int, default=7, help="interleaved rounds")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--vocab-candidates", type=int, default=PatcherConfig.vocab_candidates)
+    parser.add_argument(
+        "--neuron-activation",
+        default=PatcherConfig.neuron_activation,
+        help="'auto' (default), 'ffn' (the FFN's own: the paper's form) or an activation name",
+    )
     args = parser.parse_args()
     torch.set_grad_enabled(True)
 
@@ -182,8 +187,13 @@ def main() -> None:
         else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     )
     results: dict = {"model": label, "device": device_name, "torch": torch.__version__}
+    results["neuron_activation"] = args.neuron_activation
     for loop in ("cached", "full"):
-        config = PatcherConfig(training_loop=loop, vocab_candidates=args.vocab_candidates)
+        config = PatcherConfig(
+            training_loop=loop,
+            vocab_candidates=args.vocab_candidates,
+            neuron_activation=None if args.neuron_activation == "ffn" else args.neuron_activation,
+        )
         patcher = Patcher(model, tokenizer, config, memory_texts=memory)
         _ = patcher.memory  # built before timing
         count = args.edits if loop == "cached" else (args.full_edits or args.edits)

@@ -31,6 +31,7 @@ def test_edit_generate_info_round_trip(tmp_path) -> None:
     assert result.exit_code == 0 and "Abuja" in result.output, result.output
     result = runner.invoke(app, ["info", str(patch)])
     assert result.exit_code == 0 and "1 edit(s)" in result.output and "Abuja" in result.output
+    assert "neurons relu" in result.output  # SmolLM2's FFN is SiLU: ReLU neurons by default
 
 
 def test_cli_errors_are_clear_and_change_nothing(tmp_path) -> None:
@@ -45,5 +46,9 @@ def test_cli_errors_are_clear_and_change_nothing(tmp_path) -> None:
     result = runner.invoke(app, ["edit", str(patch), "--prompt", "Hi", "--target", "there"])
     assert result.exit_code == 2 and "damaged" in result.output
     assert (patch / "manifest.json").read_text() == "{broken"
+    args = ["edit", str(tmp_path / "new"), "--prompt", "Hi", "--target", "there"]
+    result = runner.invoke(app, [*args, "--neuron-activation", "sparkle"])
+    assert result.exit_code == 2 and "neuron_activation 'sparkle'" in result.output
+    assert not (tmp_path / "new").exists()
     result = runner.invoke(app, ["generate", "hello", "--model", "no-such-model"])
     assert result.exit_code == 2 and "smollm2-135m" in result.output

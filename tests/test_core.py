@@ -107,7 +107,7 @@ def test_save_load_round_trip_is_exact(kind: str, tmp_path) -> None:
 
 @pytest.mark.parametrize("kind", ARCHITECTURES)
 def test_merge_gives_the_patched_logits(kind: str) -> None:
-    patcher = make_patcher(kind)
+    patcher = make_patcher(kind, neuron_activation=None)  # the FFN's own: foldable
     assert patcher.edit(*edit_args(patcher)).success
     patched = {t: logits(patcher, t) for t in [PROMPT, *OTHER]}
     merged = patcher.merge()
@@ -185,7 +185,7 @@ def test_sequential_edits_all_hold() -> None:
         ("the capital of france is", "berlin"),
         ("the capital of italy is", "tokyo"),
         ("the largest river is", "moon"),
-        ("who wrote the famous novel", "queen"),
+        ("the composer of the song was", "queen"),  # not in the memory bank
     ]
     for prompt, target in facts:
         assert patcher.edit(prompt, target).success
@@ -351,6 +351,43 @@ def test_relu_neurons_are_exactly_silent_below_zero_and_survive_save_load(tmp_pa
     loaded = Patcher.load(make_model("llama"), make_tokenizer("llama"), tmp_path)
     assert loaded.activation == "relu"
     assert torch.equal(logits(loaded, PROMPT), expected)
+
+
+def test_default_neurons_are_relu_on_silu_ffns_and_the_ffns_own_elsewhere() -> None:
+    assert make_patcher("llama").activation == "relu"  # SiLU FFN
+    assert make_patcher("llama", neuron_activation=None).activation == "silu"  # paper form
+    gpt2 = make_patcher("gpt2")
+    assert gpt2.activation == gpt2.ffn_activation == "gelu_new"
+
+
+def test_patches_saved_before_neuron_activation_load_with_the_ffns_own(tmp_path) -> None:
+    patcher = make_patcher("llama", neuron_activation=None)
+    assert patcher.edit(*edit_args(patcher)).success
+    expected = logits(patcher, PROMPT)
+    patcher.save(tmp_path)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    del manifest["activation"], manifest["config"]["neuron_activation"]  # the older format
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    loaded = Patcher.load(make_model("llama"), make_tokenizer("llama"), tmp_path)
+    assert loaded.activation == "silu"
+    assert torch.equal(logits(loaded, PROMPT), expected)
+
+
+def test_load_refuses_a_config_whose_neurons_differ_from_the_saved_ones(tmp_path) -> None:
+    patcher = make_patcher("llama")  # ReLU neurons
+    assert patcher.edit(*edit_args(patcher)).success
+    patcher.save(tmp_path)
+    model, tok = make_model("llama"), make_tokenizer("llama")
+
+    def plain_logits() -> torch.Tensor:
+        with torch.no_grad():
+            return model(**tok(PROMPT, return_tensors="pt")).logits
+
+    base = plain_logits()
+    with pytest.raises(PatchDirectoryError, match="activation 'relu'"):
+        Patcher.load(model, tok, tmp_path, PatcherConfig(neuron_activation=None))
+    assert torch.equal(plain_logits(), base)  # nothing stays attached
+    assert Patcher.load(model, tok, tmp_path).activation == "relu"
 
 
 def test_merge_refuses_neurons_with_another_activation() -> None:

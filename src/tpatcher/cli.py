@@ -33,7 +33,22 @@ def _fail(error: Exception) -> typer.Exit:
     return typer.Exit(code=2)
 
 
-def _load(model_name: str, patch_dir: Path | None, memory_file: Path | None = None):
+NeuronActivationOption = Annotated[
+    str,
+    typer.Option(
+        help="Activation of new neurons: 'auto' (ReLU on SiLU FFNs, else the FFN's own), "
+        "'ffn' (the FFN's own: the paper's form, mergeable) or an activation name; "
+        "an existing patch directory keeps its own"
+    ),
+]
+
+
+def _load(
+    model_name: str,
+    patch_dir: Path | None,
+    memory_file: Path | None = None,
+    neuron_activation: str = "auto",
+):
     from .models import load_model
     from .patcher import Patcher
 
@@ -44,7 +59,13 @@ def _load(model_name: str, patch_dir: Path | None, memory_file: Path | None = No
         memory = [line for line in memory_file.read_text("utf-8").splitlines() if line.strip()]
     if patch_dir is not None and (patch_dir / "manifest.json").exists():
         return Patcher.load(model, tokenizer, patch_dir, memory_texts=memory)
-    return Patcher(model, tokenizer, PatcherConfig(), memory_texts=memory)
+    try:
+        config = PatcherConfig(
+            neuron_activation=None if neuron_activation == "ffn" else neuron_activation
+        )
+    except ValueError as error:  # an unknown activation name
+        raise TPatcherError(str(error)) from error
+    return Patcher(model, tokenizer, config, memory_texts=memory)
 
 
 @app.command()
@@ -56,10 +77,11 @@ def edit(
     memory_file: Annotated[
         Path | None, typer.Option(help="Memory texts, one per line (default: built-in bank)")
     ] = None,
+    neuron_activation: NeuronActivationOption = "auto",
 ) -> None:
     """Add one edit to a patch directory (created if missing)."""
     try:
-        patcher = _load(model, patch_dir, memory_file)
+        patcher = _load(model, patch_dir, memory_file, neuron_activation)
         label = int(target) if patcher.task == "seq-cls" and target.isdigit() else None
         with console.status("training the patch"):
             if label is not None:
@@ -112,7 +134,8 @@ def info(patch_dir: PatchDir) -> None:
     console.print(
         f"base model: [bold]{manifest.get('base_model')}[/] "
         f"(fingerprint {str(manifest.get('fingerprint'))[:12]}, "
-        f"patched {manifest.get('patched_module')})"
+        f"patched {manifest.get('patched_module')}, "
+        f"neurons {manifest.get('activation', 'of the FFN activation')})"
     )
     table = Table("id", "created", "neurons", "prompt", "target")
     for entry in manifest["edits"]:
@@ -133,13 +156,14 @@ def demo(
     model: ModelOption = "smollm2-135m",
     save_to: Annotated[Path | None, typer.Option(help="Also save the patch here")] = None,
     limit: Annotated[int, typer.Option(help="Patch at most this many mistakes")] = 8,
+    neuron_activation: NeuronActivationOption = "auto",
 ) -> None:
     """Find facts the model gets wrong, patch them one by one, and show before and after."""
     from .demo_facts import CONTROL_QUESTIONS, FACTS, question_prompt
 
     logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
-        patcher = _load(model, None)
+        patcher = _load(model, None, neuron_activation=neuron_activation)
         if patcher.task == "seq-cls":
             raise TPatcherError("the demo needs a generative model")
         console.print(f"memory bank: building or loading ({patcher.config.memory_size} vectors)")

@@ -1,4 +1,4 @@
-"""The settings of one Patcher, with the paper's defaults.
+"""The settings of one Patcher, with the paper's defaults (one departure: ``neuron_activation``).
 
 Every knob of Transformer-Patcher (Huang et al., ICLR 2023) lives here so that a run can be
 reproduced from the JSON manifest that :meth:`tpatcher.Patcher.save` writes.
@@ -26,6 +26,13 @@ MEMORY_THRESHOLD_BY_ACTIVATION: dict[str, float] = {
     "silu": -8.0,
     "swish": -8.0,
 }
+
+#: What ``neuron_activation="auto"`` gives new neurons on an FFN with this activation, where it
+#: differs from the FFN's own. SiLU's negative tail (SiLU(-2) = -0.24) leaks a patch into
+#: every token that the memory bank does not cover; over hundreds of edits that decays
+#: locality and perplexity (BENCHMARKS.md, "ReLU neurons"). ReLU neurons are exactly silent
+#: there. GELU's tail is far thinner and the paper's models use it, so GELU FFNs keep it.
+AUTO_NEURON_ACTIVATION: dict[str, str] = {"silu": "relu", "swish": "relu"}
 
 
 @dataclass
@@ -66,11 +73,14 @@ class PatcherConfig:
             instead of the whole vocabulary; whether the edit is fixed is always decided on
             the whole vocabulary. ``0`` uses the whole vocabulary at every step (exact, slower
             on large vocabularies).
-        neuron_activation: Activation of the new neurons; ``None`` uses the FFN's own (the
-            paper's choice, and what :meth:`~tpatcher.Patcher.merge` needs). ``"relu"`` makes
-            a neuron exactly silent wherever its pre-activation is below zero, whereas SiLU
-            and GELU neurons still emit their small negative tails on text the memory bank
-            does not cover; a ReLU patch on a SiLU or GELU FFN cannot be merged.
+        neuron_activation: Activation of the new neurons. ``"auto"`` (default) uses the
+            FFN's own, except on SiLU FFNs (Llama, Qwen, SmolLM2), whose neurons get ReLU
+            (:data:`AUTO_NEURON_ACTIVATION`). ``None`` always uses the FFN's own (the paper's
+            form, and what :meth:`~tpatcher.Patcher.merge` needs). ``"relu"`` makes a neuron
+            exactly silent wherever its pre-activation is below zero, whereas SiLU and GELU
+            neurons still emit their small negative tails on text the memory bank does not
+            cover; a ReLU patch on a SiLU or GELU FFN cannot be merged. Any other name in
+            ``transformers.activations.ACT2FN`` is accepted too.
         memory_size: Most FFN-input vectors kept in the default memory bank.
         include_default_memory: With memory texts of your own, also keep the default bank
             (tpatcher's generic prompts and the unedited model's continuations of them), so
@@ -105,7 +115,7 @@ class PatcherConfig:
     memory_top_k: int = 1000
     value_amplifier_init: float = 10.0
     vocab_candidates: int = 1024
-    neuron_activation: str | None = None
+    neuron_activation: str | None = "auto"
     memory_size: int = 20000
     include_default_memory: bool = False
     add_edits_to_memory: bool = True
@@ -121,10 +131,10 @@ class PatcherConfig:
                 raise ValueError(f"PatcherConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"PatcherConfig.lr must be > 0, got {self.lr}")
-        if self.neuron_activation is not None and self.neuron_activation not in ACT2FN:
+        if self.neuron_activation not in (None, "auto") and self.neuron_activation not in ACT2FN:
             raise ValueError(
-                f"PatcherConfig.neuron_activation {self.neuron_activation!r} is not an "
-                "activation transformers knows (for example 'relu', 'gelu', 'silu')"
+                f"PatcherConfig.neuron_activation {self.neuron_activation!r} is not 'auto', "
+                "None or an activation transformers knows (for example 'relu', 'gelu')"
             )
         if self.training_loop not in ("cached", "full"):
             raise ValueError(
@@ -137,6 +147,14 @@ class PatcherConfig:
         if self.memory_weight is not None:
             return self.memory_weight
         return 5.0 if task == "seq-cls" else 10.0
+
+    def resolved_neuron_activation(self, ffn_activation: str) -> str:
+        """The new neurons' activation on an FFN that uses ``ffn_activation``."""
+        if self.neuron_activation is None:
+            return ffn_activation
+        if self.neuron_activation == "auto":
+            return AUTO_NEURON_ACTIVATION.get(ffn_activation, ffn_activation)
+        return self.neuron_activation
 
     def resolved_memory_threshold(self, activation: str) -> float:
         """``beta`` for this activation (see :data:`MEMORY_THRESHOLD_BY_ACTIVATION`)."""
@@ -151,3 +169,14 @@ class PatcherConfig:
     def from_dict(cls, data: dict[str, Any]) -> PatcherConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def from_manifest(cls, manifest: dict[str, Any]) -> PatcherConfig:
+        """The settings a saved patch was made with.
+
+        Patches saved before ``neuron_activation`` existed have no such field; their neurons
+        use the FFN's own activation, so that is what they load with (not today's default).
+        """
+        data = dict(manifest.get("config") or {})
+        data.setdefault("neuron_activation", None)
+        return cls.from_dict(data)

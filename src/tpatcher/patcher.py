@@ -156,7 +156,7 @@ class Patcher:
                 "resident: map that layer to a GPU or the CPU without offloading"
             )
         self.ffn_activation = self.adapter.activation(model.config)
-        self.activation = self.config.neuron_activation or self.ffn_activation
+        self.activation = self.config.resolved_neuron_activation(self.ffn_activation)
         self.layer = PatchLayer(
             get_submodule(self.block, self.adapter.ffn_input),
             get_submodule(self.block, self.adapter.ffn_output),
@@ -597,6 +597,7 @@ class Patcher:
             "adapter": self.adapter.name,
             "patched_module": self.block_path,
             "config": self.config.to_dict(),
+            "activation": self.activation,  # of the neurons, as resolved; checked on load
             "edits_attempted": self._counter,  # seeds the next edit's neurons (seed + count)
             "edits": [r.to_manifest() for r in self.records.values()],
         }
@@ -640,7 +641,7 @@ class Patcher:
         patcher = cls(
             model,
             tokenizer,
-            config or PatcherConfig.from_dict(manifest.get("config", {})),
+            config or PatcherConfig.from_manifest(manifest),
             **kwargs,
         )
         try:
@@ -657,6 +658,15 @@ class Patcher:
                 f"{directory} was made for base model {manifest.get('base_model')!r} "
                 f"(fingerprint {str(manifest.get('fingerprint'))[:12]}), not for this model "
                 f"{self.base_model_name!r} (fingerprint {self.fingerprint[:12]})"
+            )
+        saved = manifest.get("activation") or PatcherConfig.from_manifest(
+            manifest
+        ).resolved_neuron_activation(self.ffn_activation)
+        if manifest["edits"] and saved != self.activation:
+            raise PatchDirectoryError(
+                f"{directory} holds neurons with activation {saved!r}, but this patcher's "
+                f"neurons use {self.activation!r}; load it with the config it was saved with "
+                "(Patcher.load without config) or set neuron_activation accordingly"
             )
         state = self.layer.state
         records: list[EditRecord] = []

@@ -104,9 +104,19 @@ class BenchSettings:
         parts += [str(Path(self.data_dir).resolve())]
         return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
+    def patcher_config(self) -> PatcherConfig:
+        """T-Patcher's config: the defaults, ``patcher``'s overrides and the run's seed."""
+        return PatcherConfig.from_dict(dict(self.patcher, seed=self.seed))
+
     def method_key(self, method: str) -> str:
-        """The run key plus the method's own settings: changing them starts the method over."""
-        own = self.patcher if method == "tpatcher" else self.method_settings.get(method, {})
+        """The run key plus the method's own settings: changing them starts the method over.
+
+        T-Patcher's are the whole resolved config, so a change of a default does too."""
+        own: dict[str, Any]
+        if method == "tpatcher":
+            own = self.patcher_config().to_dict()
+        else:
+            own = self.method_settings.get(method, {})
         blob = json.dumps([self.key(), method, own], sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -309,8 +319,7 @@ def make_editor(
         memory = {"memory_texts": data.memory_texts, "memory_source": data.memory_source}
         if state_dir is not None and (state_dir / "manifest.json").is_file():
             return TPatcherEditor(Patcher.load(model, tok, state_dir, **memory))
-        config = PatcherConfig.from_dict(dict(settings.patcher, seed=settings.seed))
-        return TPatcherEditor(Patcher(model, tok, config, **memory))
+        return TPatcherEditor(Patcher(model, tok, settings.patcher_config(), **memory))
     if method not in BASELINES:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
     module = importlib.import_module("tpatcher.evaluation.baselines")

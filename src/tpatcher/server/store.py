@@ -72,7 +72,7 @@ class EditStore:
         """The Patcher settings a store was made with (so new edits train the same way)."""
         if manifest is None:
             return PatcherConfig()
-        return PatcherConfig.from_dict(manifest.get("config") or {})
+        return PatcherConfig.from_manifest(manifest)
 
     def open(self, patcher: Patcher, manifest: dict[str, Any] | None) -> None:
         """Load the store's edits into ``patcher`` (refusing another model's store), or create
