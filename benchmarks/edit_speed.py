@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from tpatcher import Patcher, PatcherConfig
+from tpatcher.config import neuron_activation_from_word
 from tpatcher.demo_facts import FACTS, question_prompt
 from tpatcher.layer import NeuronState
 from tpatcher.memory import default_prompts
@@ -192,7 +193,7 @@ def main() -> None:
         config = PatcherConfig(
             training_loop=loop,
             vocab_candidates=args.vocab_candidates,
-            neuron_activation=None if args.neuron_activation == "ffn" else args.neuron_activation,
+            neuron_activation=neuron_activation_from_word(args.neuron_activation),
         )
         patcher = Patcher(model, tokenizer, config, memory_texts=memory)
         _ = patcher.memory  # built before timing

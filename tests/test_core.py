@@ -17,6 +17,7 @@ from tpatcher import (
     UnknownEditError,
     UnsupportedModelError,
 )
+from tpatcher.config import neuron_activation_from_word
 
 PROMPT = "the capital of france is"
 OTHER = ["the weather today is good", "who wrote the famous novel", "the cat sleeps in the house"]
@@ -358,6 +359,8 @@ def test_default_neurons_are_relu_on_silu_ffns_and_the_ffns_own_elsewhere() -> N
     assert make_patcher("llama", neuron_activation=None).activation == "silu"  # paper form
     gpt2 = make_patcher("gpt2")
     assert gpt2.activation == gpt2.ffn_activation == "gelu_new"
+    assert neuron_activation_from_word("ffn") is None  # the command-line spelling of None
+    assert neuron_activation_from_word("relu") == "relu"
 
 
 def test_patches_saved_before_neuron_activation_load_with_the_ffns_own(tmp_path) -> None:

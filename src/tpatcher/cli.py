@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from .config import PatcherConfig
+from .config import PatcherConfig, neuron_activation_from_word
 from .errors import TPatcherError
 
 app = typer.Typer(
@@ -60,9 +60,7 @@ def _load(
     if patch_dir is not None and (patch_dir / "manifest.json").exists():
         return Patcher.load(model, tokenizer, patch_dir, memory_texts=memory)
     try:
-        config = PatcherConfig(
-            neuron_activation=None if neuron_activation == "ffn" else neuron_activation
-        )
+        config = PatcherConfig(neuron_activation=neuron_activation_from_word(neuron_activation))
     except ValueError as error:  # an unknown activation name
         raise TPatcherError(str(error)) from error
     return Patcher(model, tokenizer, config, memory_texts=memory)
@@ -135,7 +133,7 @@ def info(patch_dir: PatchDir) -> None:
         f"base model: [bold]{manifest.get('base_model')}[/] "
         f"(fingerprint {str(manifest.get('fingerprint'))[:12]}, "
         f"patched {manifest.get('patched_module')}, "
-        f"neurons {manifest.get('activation', 'of the FFN activation')})"
+        f"neurons {manifest.get('activation', 'with the FFN activation')})"
     )
     table = Table("id", "created", "neurons", "prompt", "target")
     for entry in manifest["edits"]:

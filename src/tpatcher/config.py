@@ -35,6 +35,12 @@ MEMORY_THRESHOLD_BY_ACTIVATION: dict[str, float] = {
 AUTO_NEURON_ACTIVATION: dict[str, str] = {"silu": "relu", "swish": "relu"}
 
 
+def neuron_activation_from_word(word: str) -> str | None:
+    """``neuron_activation`` from a command-line word, where ``"ffn"`` stands for ``None``
+    (the FFN's own activation: the paper's form)."""
+    return None if word == "ffn" else word
+
+
 @dataclass
 class PatcherConfig:
     """How patches are placed and trained.
