@@ -176,6 +176,12 @@ def main() -> None:
         default=PatcherConfig.neuron_activation,
         help="'auto' (default), 'ffn' (the FFN's own: the paper's form) or an activation name",
     )
+    parser.add_argument(
+        "--max-neurons-per-edit",
+        type=int,
+        default=PatcherConfig.max_neurons_per_edit,
+        help="neuron cap per edit (the reference implementation's is 5)",
+    )
     args = parser.parse_args()
     torch.set_grad_enabled(True)
 
@@ -189,11 +195,13 @@ def main() -> None:
     )
     results: dict = {"model": label, "device": device_name, "torch": torch.__version__}
     results["neuron_activation"] = args.neuron_activation
+    results["max_neurons_per_edit"] = args.max_neurons_per_edit
     for loop in ("cached", "full"):
         config = PatcherConfig(
             training_loop=loop,
             vocab_candidates=args.vocab_candidates,
             neuron_activation=neuron_activation_from_word(args.neuron_activation),
+            max_neurons_per_edit=args.max_neurons_per_edit,
         )
         patcher = Patcher(model, tokenizer, config, memory_texts=memory)
         _ = patcher.memory  # built before timing

@@ -195,6 +195,15 @@ def test_sequential_edits_all_hold() -> None:
     assert len(patcher.edits) == 4
 
 
+def test_one_neuron_per_wrong_target_token_up_to_the_cap() -> None:
+    target = "moon river star book"  # four tokens the tiny model gets wrong
+    patcher = make_patcher("llama")
+    assert patcher.edit(PROMPT, target).neurons == 4
+    capped = make_patcher("llama", max_neurons_per_edit=2)
+    result = capped.edit(PROMPT, target)
+    assert result.neurons <= 2 and capped.num_neurons == result.neurons
+
+
 def test_failed_edit_leaves_no_neurons() -> None:
     patcher = make_patcher("llama", max_steps=1, lr=1e-6)
     before = logits(patcher, PROMPT)

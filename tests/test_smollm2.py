@@ -38,6 +38,19 @@ def test_a_real_mistake_is_fixed_and_unrelated_answers_stay(patcher, tmp_path) -
     assert "tpatcher's generic prompts" in patcher.memory.source
 
 
+def test_a_long_answer_gets_a_neuron_per_wrong_token(patcher) -> None:
+    """Long names need more neurons than the reference implementation's cap of 5."""
+    prompt = question_prompt("Which band did the guitarist Mira Solberg found in 1994?")
+    target = "Stadtkapelle Oberwiesenthal und Freunde"
+    result = patcher.edit(prompt, target)
+    try:
+        assert result.success and result.neurons > 5, result
+        assert patcher.generate(prompt, 16).strip().startswith(target)
+    finally:
+        if result.edit_id:
+            patcher.rollback(result.edit_id)
+
+
 def test_rollback_and_reload_on_the_real_model(patcher, tmp_path) -> None:
     if not patcher.edits:
         assert patcher.edit(PROMPT, "Canberra").success

@@ -1,4 +1,5 @@
-"""The settings of one Patcher, with the paper's defaults (one departure: ``neuron_activation``).
+"""The settings of one Patcher, with the paper's defaults (departures: ``neuron_activation``,
+``max_neurons_per_edit``).
 
 Every knob of Transformer-Patcher (Huang et al., ICLR 2023) lives here so that a run can be
 reproduced from the JSON manifest that :meth:`tpatcher.Patcher.save` writes.
@@ -48,7 +49,11 @@ class PatcherConfig:
     Attributes:
         max_neurons_per_edit: Generation edits get one neuron per target position the model
             gets wrong (teacher-forced), the first ``max_neurons_per_edit`` of them.
-            Classification edits always get one neuron, at the position the head reads.
+            Classification edits always get one neuron, at the position the head reads. The
+            reference implementation caps this at 5; with ReLU neurons a target position
+            without a neuron of its own rarely gets fixed (a silent neuron has no gradient
+            there), so long names and dates (6-12 tokens on SmolLM2's tokenizer) failed, and
+            the default is 16.
         lr: Adam learning rate for the new neurons.
         weight_decay: Adam weight decay (L2, as in the reference implementation).
         grad_clip: Gradient-norm clip applied to the new neurons each step.
@@ -103,7 +108,7 @@ class PatcherConfig:
             one, so ``edit("The capital of France is", "Paris")`` trains on `` Paris``.
     """
 
-    max_neurons_per_edit: int = 5
+    max_neurons_per_edit: int = 16
     lr: float = 1e-2
     weight_decay: float = 0.01
     grad_clip: float = 5.0
