@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -357,3 +359,26 @@ def test_markdown_table_has_every_method_and_the_average() -> None:
     assert "| avg(Rel, Gen, Loc) em | 1.000 | - |" in lines  # only the defined parts
     assert "| Rel tf | 1.000 | (stopped) |" in lines
     assert lines[-1] == "| device | cuda | cpu |"
+
+
+def test_plot_curves_merges_result_files_and_refuses_clashing_names(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[1]
+    results = root / "benchmarks" / "results"
+    script = [sys.executable, str(root / "benchmarks" / "plot_curves.py")]
+    cf, relu = results / "sme_counterfact_t1000.json", results / "sme_counterfact_relu_t1000.json"
+    png = tmp_path / "all.png"
+    done = subprocess.run([*script, str(cf), f"{relu}:relu", "--out", str(png)], text=True)
+    assert done.returncode == 0 and png.read_bytes()[:4] == b"\x89PNG"
+    clash = subprocess.run(
+        [*script, str(cf), str(relu), "--out", str(tmp_path / "x.png")],
+        capture_output=True,
+        text=True,
+    )
+    assert clash.returncode != 0 and "two files give 'tpatcher'" in clash.stderr
+    assert not (tmp_path / "x.png").exists()
+    mixed = subprocess.run(
+        [*script, str(cf), str(results / "sme_zsre_t500.json:z"), "--out", str(png)],
+        capture_output=True,
+        text=True,
+    )
+    assert mixed.returncode != 0 and "different tasks" in mixed.stderr

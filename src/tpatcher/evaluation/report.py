@@ -95,25 +95,37 @@ def _running_mean(values: list[float]) -> list[float]:
     return out
 
 
-def plot_results(results: dict[str, Any], out_dir: str | Path) -> list[Path]:
-    """``sme_running.png`` (running mean of SR/GR against the number of edits) and
-    ``metrics_vs_edits.png`` (Rel/Gen/Loc/ER/TrainR/TestR at each evaluation point)."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_results(results: dict[str, Any], out_dir: str | Path) -> list[Path]:
+    """``sme_running.png`` (running mean of SR/GR against the number of edits) and
+    ``metrics_vs_edits.png`` (Rel/Gen/Loc/ER/TrainR/TestR at each evaluation point)."""
     out_dir = Path(out_dir)
     methods = {k: v for k, v in results.get("methods", {}).items() if v.get("complete")}
-    paths: list[Path] = []
+    return [
+        plot_running(methods, out_dir / "sme_running.png"),
+        plot_curves(methods, out_dir / "metrics_vs_edits.png"),
+    ]
 
+
+def plot_running(methods: dict[str, dict[str, Any]], path: Path) -> Path:
+    """Running mean of SR and GR over the edits, from each method's per-item records."""
+    plt = _pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), squeeze=False)
     for col, metric in enumerate(("sr", "gr")):
         for row, way in enumerate(("tf", "em")):
             ax = axes[row][col]
             key = f"{metric}_{way}"
             for name, summary in methods.items():
-                values = [float(r[key]) for r in summary["records"] if r["edited"] and key in r]
+                records = summary.get("records", [])
+                values = [float(r[key]) for r in records if r["edited"] and key in r]
                 if values:
                     ax.plot(range(1, len(values) + 1), _running_mean(values), label=name)
             ax.set_title(f"{metric.upper()} ({'teacher-forced' if way == 'tf' else 'exact match'})")
@@ -122,10 +134,14 @@ def plot_results(results: dict[str, Any], out_dir: str | Path) -> list[Path]:
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=8)
     fig.tight_layout()
-    paths.append(out_dir / "sme_running.png")
-    fig.savefig(paths[-1], dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
+    return path
 
+
+def plot_curves(methods: dict[str, dict[str, Any]], path: Path) -> Path:
+    """The final-model metrics at each evaluation point of each method's curve."""
+    plt = _pyplot()
     fig, axes = plt.subplots(2, len(CURVE_METRICS), figsize=(3 * len(CURVE_METRICS), 6))
     for col, metric in enumerate(CURVE_METRICS):
         for row, way in enumerate(("tf", "em")):
@@ -145,7 +161,6 @@ def plot_results(results: dict[str, Any], out_dir: str | Path) -> list[Path]:
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=7)
     fig.tight_layout()
-    paths.append(out_dir / "metrics_vs_edits.png")
-    fig.savefig(paths[-1], dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
-    return paths
+    return path
