@@ -25,7 +25,9 @@ def merged_methods(specs: list[str]) -> dict[str, dict]:
     methods: dict[str, dict] = {}
     tasks = set()
     for spec in specs:
-        path, _, suffix = spec.partition(":")
+        path, sep, suffix = spec.rpartition(":")
+        if not sep or not Path(path).is_file():  # no suffix (the path may hold a colon)
+            path, suffix = spec, ""
         results = json.loads(Path(path).read_text("utf-8"))
         tasks.add((results["task"]["task"], results["task"]["mode"]))
         for name, summary in results["methods"].items():

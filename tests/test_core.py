@@ -199,9 +199,15 @@ def test_one_neuron_per_wrong_target_token_up_to_the_cap() -> None:
     target = "moon river star book"  # four tokens the tiny model gets wrong
     patcher = make_patcher("llama")
     assert patcher.edit(PROMPT, target).neurons == 4
-    capped = make_patcher("llama", max_neurons_per_edit=2)
+    # SiLU neurons reach the two uncovered tokens through their tails; ReLU neurons cannot,
+    # which is why the default cap is well above the reference implementation's 5
+    capped = make_patcher("llama", max_neurons_per_edit=2, neuron_activation=None)
     result = capped.edit(PROMPT, target)
     assert result.neurons <= 2 and capped.num_neurons == result.neurons
+    assert result.success and result.neurons == 2
+    relu = make_patcher("llama", max_neurons_per_edit=2)
+    failed = relu.edit(PROMPT, target)
+    assert not failed.success and relu.num_neurons == 0
 
 
 def test_failed_edit_leaves_no_neurons() -> None:
