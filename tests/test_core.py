@@ -18,6 +18,7 @@ from tpatcher import (
     UnsupportedModelError,
 )
 from tpatcher.config import neuron_activation_from_word
+from tpatcher.memory import ffn_inputs
 
 PROMPT = "the capital of france is"
 OTHER = ["the weather today is good", "who wrote the famous novel", "the cat sleeps in the house"]
@@ -138,7 +139,7 @@ def test_cached_and_full_loops_give_the_same_neurons(kind: str) -> None:
         patcher = Patcher(model, make_tokenizer(kind), settings, memory_texts=MEMORY_TEXTS)
         result = patcher.edit(*edit_args(patcher))
         assert result.success, (loop, result.message)
-        return result.steps, patcher.layer.state
+        return result.steps, patcher._layer.state
 
     steps, cached = run("cached")
     _, full = run("full", max_steps=steps, early_stop=False)
@@ -232,10 +233,10 @@ def test_failed_edit_leaves_no_neurons() -> None:
 def test_bad_generation_input_is_refused_and_changes_nothing(prompt, target, message) -> None:
     patcher = make_patcher("llama")
     assert patcher.edit(PROMPT, "berlin").success
-    state = patcher.layer.state
+    state = patcher._layer.state
     with pytest.raises(InvalidEditError, match=message):
         patcher.edit(prompt, target)
-    assert patcher.layer.state is state and len(patcher.edits) == 1
+    assert patcher._layer.state is state and len(patcher.edits) == 1
 
 
 def test_target_that_tokenises_to_nothing_is_refused() -> None:
@@ -334,7 +335,7 @@ def test_target_module_override() -> None:
     patcher = Patcher(
         model, tok, PatcherConfig(target_module="model.layers.1.mlp"), memory_texts=MEMORY_TEXTS
     )
-    assert patcher.block is model.model.layers[1]
+    assert patcher._site.block is model.model.layers[1]
     patcher.close()
     with pytest.raises(UnsupportedModelError, match="last FFN"):
         Patcher(model, tok, PatcherConfig(target_module="model.layers.0.mlp"))
@@ -357,11 +358,11 @@ def test_relu_neurons_are_exactly_silent_below_zero_and_survive_save_load(tmp_pa
     assert (patcher.activation, patcher.ffn_activation) == ("relu", "silu")
     result = patcher.edit(*edit_args(patcher))
     assert result.success, result.message
-    q = patcher.memory_vectors(OTHER + MEMORY_TEXTS)
-    state = patcher.layer.state
+    q = ffn_inputs(patcher._site, patcher.tokenizer, OTHER + MEMORY_TEXTS)
+    state = patcher._layer.state
     silent = (q @ state.keys.T <= 0).all(dim=1)
     assert silent.any()
-    assert torch.equal(patcher.layer.committed_output(q[silent]), torch.zeros_like(q[silent]))
+    assert torch.equal(patcher._layer.committed_output(q[silent]), torch.zeros_like(q[silent]))
     expected = logits(patcher, PROMPT)
     patcher.save(tmp_path)
     loaded = Patcher.load(make_model("llama"), make_tokenizer("llama"), tmp_path)
@@ -385,6 +386,7 @@ def test_patches_saved_before_neuron_activation_load_with_the_ffns_own(tmp_path)
     patcher.save(tmp_path)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     del manifest["activation"], manifest["config"]["neuron_activation"]  # the older format
+    del manifest["checksum"]  # which had no manifest checksum either
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     loaded = Patcher.load(make_model("llama"), make_tokenizer("llama"), tmp_path)
     assert loaded.activation == "silu"

@@ -30,7 +30,7 @@ def test_split_model_is_patched_where_its_last_layer_lives(tmp_path) -> None:
     assert model.model.layers[0].mlp.up_proj.weight.device.type == "meta"  # offloaded
     tokenizer = make_tokenizer("llama")
     patcher = Patcher(model, tokenizer, memory_texts=MEMORY_TEXTS)
-    assert patcher.layer.device.type == "cuda"
+    assert patcher._layer.device.type == "cuda"
     assert patcher.input_device.type == "cuda"
     prompt = "the capital of france is"
     result = patcher.edit(prompt, "berlin")

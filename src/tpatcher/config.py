@@ -7,6 +7,7 @@ reproduced from the JSON manifest that :meth:`tpatcher.Patcher.save` writes.
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
@@ -178,8 +179,17 @@ class PatcherConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PatcherConfig:
+        """The config with ``data``'s fields; an unknown field is refused, never dropped (a
+        misspelt override would otherwise run the defaults)."""
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        unknown = sorted(set(data) - known)
+        if unknown:
+            close = {k: difflib.get_close_matches(k, known, n=1) for k in unknown}
+            hints = [
+                f"{k!r}" + (f" (did you mean {c[0]!r}?)" if c else "") for k, c in close.items()
+            ]
+            raise ValueError(f"PatcherConfig has no field {', '.join(hints)}")
+        return cls(**data)
 
     @classmethod
     def from_manifest(cls, manifest: dict[str, Any]) -> PatcherConfig:

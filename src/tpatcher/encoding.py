@@ -1,20 +1,31 @@
-"""Tokenising an edit: one definition shared by the Patcher and every baseline editor.
+"""Tokenisation: one definition shared by the Patcher, every baseline, the metrics and the
+service.
 
-Causal LM: the input is ``prompt + target[:-1]`` and ``positions`` are those whose logits
-predict the target tokens. Seq2seq: the target goes to the decoder. Seq-cls: the label, read
-at position 0. All methods train and are scored on exactly these tokens.
+An edit (:func:`encode_edit`): for a causal LM the input is ``prompt + target[:-1]`` and
+``positions`` are those whose logits predict the target tokens; seq2seq: the target goes to
+the decoder; seq-cls: the label, read at position 0. All methods train and are scored on
+exactly these tokens. A prompt to answer (:func:`encode_prompt`), a batch of texts
+(:func:`encode_texts`) and a chat (:func:`render_chat`) are tokenised here too, so an edit
+made through the service matches what the service later answers.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .errors import InvalidEditError
 
-TASKS = ("causal-lm", "seq2seq", "seq-cls")
+#: What kind of model an edit is for (the adapter table's ``task``).
+MODEL_KINDS = ("causal-lm", "seq2seq", "seq-cls")
+
+
+class ContextLengthError(InvalidEditError):
+    """The text does not fit in the model's context."""
 
 
 @dataclass
@@ -37,7 +48,7 @@ def context_length(model: PreTrainedModel) -> int | None:
 def _check_length(model: PreTrainedModel, length: int, what: str) -> None:
     limit = context_length(model)
     if limit is not None and length > limit:
-        raise InvalidEditError(
+        raise ContextLengthError(
             f"{what} is {length} tokens, longer than the model's context of {limit}"
         )
 
@@ -70,8 +81,8 @@ def encode_edit(
     add_space_before_target: bool = True,
 ) -> Example:
     """Tokenise one edit; raises :class:`InvalidEditError` (a ``ValueError``) if unusable."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    if task not in MODEL_KINDS:
+        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(MODEL_KINDS)}")
     if not isinstance(prompt, str) or not prompt.strip():
         raise InvalidEditError("the prompt is empty")
     if task == "seq-cls":
@@ -112,3 +123,65 @@ def encode_edit(
     positions = torch.arange(start, start + len(target_ids))
     inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
     return Example(inputs, positions, torch.tensor(target_ids))
+
+
+def encode_prompt(
+    tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, prompt: str, reserve: int = 0
+) -> dict[str, torch.Tensor]:
+    """A prompt to continue, refused (:class:`ContextLengthError`) when it and ``reserve``
+    new tokens do not fit in the context."""
+    enc = dict(tokenizer(prompt, return_tensors="pt"))
+    n = int(enc["input_ids"].shape[1])
+    limit = context_length(model) or 2048
+    if n + reserve > limit:
+        raise ContextLengthError(
+            f"the prompt is {n} tokens; with {reserve} new tokens that exceeds the model's "
+            f"context of {limit} tokens"
+        )
+    return enc
+
+
+def encode_texts(
+    tokenizer: PreTrainedTokenizerBase,
+    model: PreTrainedModel,
+    texts: Sequence[str],
+    task: str,
+    max_length: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """A padded batch of texts, truncated to the context; seq2seq texts also feed the decoder."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    limit = max_length or context_length(model) or 512
+    enc = dict(
+        tokenizer(list(texts), return_tensors="pt", padding=True, truncation=True, max_length=limit)
+    )
+    if task == "seq2seq":
+        enc["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(
+            labels=enc["input_ids"]
+        )
+        enc["decoder_attention_mask"] = enc["attention_mask"]
+    return enc
+
+
+def has_chat_template(tokenizer: PreTrainedTokenizerBase) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def render_chat(
+    tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, Any]] | str
+) -> str:
+    """The chat template with the assistant's turn opened, as the model was tuned; a string
+    is one user message. The BOS the tokenizer adds itself is not doubled."""
+    if not has_chat_template(tokenizer):
+        raise InvalidEditError("this model has no chat template")
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    text = str(
+        tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    )
+    bos = tokenizer.bos_token
+    if bos and text.startswith(bos):
+        ids = tokenizer(text)["input_ids"]
+        if ids[:2] == [tokenizer.bos_token_id] * 2:
+            text = text[len(bos) :]
+    return text

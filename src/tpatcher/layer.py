@@ -6,8 +6,9 @@ FFN's weight matrices (:meth:`tpatcher.Patcher.merge`).
 
 Committed neurons live in an immutable :class:`NeuronState` that is swapped in whole, so a
 forward pass that started before a swap sees either all of a new edit's neurons or none.
-Neurons being trained are visible only to the thread that trains them, so a server can keep
-answering requests with the committed patch while an edit trains.
+Neurons being trained, and trained edits not yet published, are visible only to the thread
+that made them (:meth:`PatchLayer.private`), so a server keeps answering with the published
+patch until an edit is verified and durable.
 """
 
 from __future__ import annotations
@@ -46,6 +47,15 @@ class NeuronState:
             biases=None if self.biases is None else self.biases[idx.to(self.biases.device)],
             owners=tuple(self.owners[i] for i in idx.tolist()),
         )
+
+    def owned_by(self, edit_id: str) -> NeuronState:
+        """The neurons of one edit."""
+        return self.select(torch.tensor([o == edit_id for o in self.owners], dtype=torch.bool))
+
+    def without(self, edit_ids: set[str]) -> NeuronState:
+        """Every neuron except those of ``edit_ids``."""
+        keep = torch.tensor([o not in edit_ids for o in self.owners], dtype=torch.bool)
+        return self.select(keep)
 
     def concat(self, other: NeuronState) -> NeuronState:
         def cat(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
@@ -165,12 +175,24 @@ class PatchLayer:
         self.enabled = True
         self.state = self.empty_state()
         self._local = threading.local()
-        self._handles = []
+        self._modules = (input_module, output_module)
+        self._handles: list = []
+        self.attach()
+
+    def attach(self) -> None:
+        """Hook the neurons into the FFN (done on construction; again after :meth:`remove`)."""
+        if self._handles:
+            return
+        input_module, output_module = self._modules
         if input_module is output_module:
             self._handles.append(output_module.register_forward_hook(self._hook_same))
         else:
             self._handles.append(input_module.register_forward_pre_hook(self._remember_input))
             self._handles.append(output_module.register_forward_hook(self._hook_split))
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
 
     # -- state -----------------------------------------------------------------------------
     def empty_state(self) -> NeuronState:
@@ -203,6 +225,17 @@ class PatchLayer:
         finally:
             self._local.pending = None
 
+    @contextmanager
+    def private(self, state: NeuronState | None = None, *, enabled: bool = True) -> Iterator[None]:
+        """For forward passes of this thread only: use ``state`` instead of the published
+        state (``None``: the published one), or the base model when ``enabled`` is false."""
+        previous = getattr(self._local, "override", None)
+        self._local.override = (state, enabled)
+        try:
+            yield
+        finally:
+            self._local.override = previous
+
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
@@ -210,9 +243,14 @@ class PatchLayer:
 
     # -- hooks -----------------------------------------------------------------------------
     def _delta(self, q: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
-            return output
+        override = getattr(self._local, "override", None)
         state = self.state  # read once: a concurrent commit swaps the whole state
+        enabled = self.enabled
+        if override is not None:
+            state = override[0] if override[0] is not None else state
+            enabled = override[1]
+        if not enabled:
+            return output
         pending: NewNeurons | None = getattr(self._local, "pending", None)
         if state.size:
             output = output + self.committed_output(q, state).to(output.dtype)

@@ -6,8 +6,8 @@ position for generation). After each edit the edit's own FFN inputs join the ban
 neurons stay silent on earlier edits too.
 
 Users should pass their own memory texts (text disjoint from what they evaluate on). Without
-them, :func:`default_memory_vectors` builds a bank from text the *unedited* model writes
-itself from varied generic prompts shipped with tpatcher, cached per model fingerprint.
+them, :func:`build_memory_bank` builds a bank from text the *unedited* model writes itself
+from varied generic prompts shipped with tpatcher, cached per model fingerprint and seed.
 """
 
 from __future__ import annotations
@@ -19,9 +19,18 @@ import threading
 from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import PreTrainedTokenizerBase
+
+from .encoding import encode_texts
+from .ffn_site import FFNSite, padding_side
+
+if TYPE_CHECKING:
+    from .config import PatcherConfig
+    from .layer import PatchLayer
 
 logger = logging.getLogger("tpatcher.memory")
 
@@ -51,6 +60,12 @@ class MemoryBank:
             self._edits.pop(edit_id, None)
             self._cache = None
 
+    def keep_edits(self, edit_ids: set[str]) -> None:
+        """Forget the vectors of every edit not in ``edit_ids``."""
+        with self._lock:
+            self._edits = {k: v for k, v in self._edits.items() if k in edit_ids}
+            self._cache = None
+
     def vectors(self) -> torch.Tensor:
         """All vectors, (N, d), float32."""
         with self._lock:
@@ -65,8 +80,8 @@ def default_prompts() -> list[str]:
 
 
 def memory_cache_dir() -> Path:
-    root = os.environ.get("TPATCHER_CACHE") or Path.home() / ".cache" / "tpatcher"
-    return Path(root) / "memory"
+    root = os.environ.get("TPATCHER_CACHE") or "~/.cache/tpatcher"
+    return Path(root).expanduser() / "memory"
 
 
 def cached_vectors(
@@ -108,3 +123,91 @@ def subsample(vectors: torch.Tensor, limit: int, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     index = torch.randperm(vectors.shape[0], generator=generator)[:limit]
     return vectors[index.sort().values]
+
+
+def ffn_inputs(
+    site: FFNSite, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], batch_size: int = 16
+) -> torch.Tensor:
+    """Last-FFN inputs of ``texts`` (float32, CPU): every token position, or the head's
+    position for a classifier; a seq2seq model gets each text as its decoder input too."""
+    chunks: list[torch.Tensor] = []
+    mask_key = "decoder_attention_mask" if site.task == "seq2seq" else "attention_mask"
+    with padding_side(tokenizer, "right"):
+        for i in range(0, len(texts), batch_size):
+            enc = encode_texts(tokenizer, site.model, list(texts[i : i + batch_size]), site.task)
+            chunks.append(site.ffn_inputs(enc, mask_key))
+    return torch.cat(chunks) if chunks else torch.zeros(0, site.hidden_size)
+
+
+def generate_continuations(
+    site: FFNSite,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    batch_size: int = 32,
+    **kwargs: Any,
+) -> list[str]:
+    """Prompt plus continuation for each prompt, generated in left-padded batches."""
+    texts: list[str] = []
+    with padding_side(tokenizer, "left"):
+        for i in range(0, len(prompts), batch_size):
+            batch = list(prompts[i : i + batch_size])
+            enc = tokenizer(batch, return_tensors="pt", padding=True).to(site.input_device)
+            with torch.no_grad():
+                out = site.model.generate(
+                    **enc,
+                    max_new_tokens=max_new_tokens,
+                    pad_token_id=tokenizer.pad_token_id,
+                    **kwargs,
+                )
+            new = out if site.task == "seq2seq" else out[:, enc["input_ids"].shape[1] :]
+            for prompt, ids in zip(batch, new, strict=True):
+                texts.append(prompt + tokenizer.decode(ids, skip_special_tokens=True))
+    return texts
+
+
+def default_bank(
+    site: FFNSite, tokenizer: PreTrainedTokenizerBase, limit: int, seed: int, layer: PatchLayer
+) -> torch.Tensor:
+    """The default memory vectors (see the module docstring), cached per model and seed.
+
+    Built with the patch switched off for this thread only: other threads keep being
+    answered by the patched model meanwhile.
+    """
+    prompts = default_prompts()
+    key = cache_key(site.fingerprint(), prompts, f"{site.task}-{limit}-seed{seed}-v2")
+
+    def build() -> torch.Tensor:
+        texts = list(prompts)
+        if site.task != "seq-cls":
+            torch.manual_seed(seed)
+            texts += generate_continuations(
+                site, tokenizer, prompts * 2, 48, do_sample=True, top_p=0.95
+            )
+        return subsample(ffn_inputs(site, tokenizer, texts), limit, seed)
+
+    with layer.private(enabled=False):
+        return cached_vectors(key, build)
+
+
+def build_memory_bank(
+    site: FFNSite,
+    tokenizer: PreTrainedTokenizerBase,
+    config: PatcherConfig,
+    layer: PatchLayer,
+    texts: Sequence[str] | None,
+    source: str | None,
+) -> MemoryBank:
+    """The bank a Patcher trains against: the user's texts, the default bank, or both."""
+    limit = config.memory_size
+    if texts is None:
+        vectors = default_bank(site, tokenizer, limit, config.seed, layer)
+        source = DEFAULT_SOURCE
+    else:
+        vectors = subsample(ffn_inputs(site, tokenizer, texts), limit, config.seed)
+        source = source or f"{len(texts)} user-supplied texts"
+        if config.include_default_memory:
+            vectors = torch.cat([vectors, default_bank(site, tokenizer, limit, config.seed, layer)])
+            source = f"{source}; and {DEFAULT_SOURCE}"
+    logger.info("memory bank: %d vectors from %s", vectors.shape[0], source)
+    return MemoryBank(vectors, source)

@@ -45,12 +45,13 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from tpatcher.adapters import Task
 from tpatcher.errors import ModelNotFoundError, UnsupportedModelError
 
 __all__ = [
     "DEFAULT_MODEL",
     "EMBEDDED_MODELS",
-    "TASKS",
+    "AUTO_CLASSES",
     "EmbeddedModel",
     "load_model",
     "model_cache_dir",
@@ -59,10 +60,9 @@ __all__ = [
 
 logger = logging.getLogger("tpatcher.models")
 
-Task = Literal["causal-lm", "seq-cls", "seq2seq"]
 
 #: Head kinds :func:`load_model` can attach, mapped to the transformers auto class that builds it.
-TASKS: dict[str, type] = {
+AUTO_CLASSES: dict[str, type] = {
     "causal-lm": AutoModelForCausalLM,
     "seq-cls": AutoModelForSequenceClassification,
     "seq2seq": AutoModelForSeq2SeqLM,
@@ -171,8 +171,8 @@ def load_model(
     head of the requested kind; :class:`ValueError` for an unknown ``task`` or a ``num_labels``
     given for a head other than ``"seq-cls"``.
     """
-    if task is not None and task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    if task is not None and task not in AUTO_CLASSES:
+        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(AUTO_CLASSES)}")
 
     entry = EMBEDDED_MODELS.get(name_or_path)
     if entry is not None:
@@ -469,12 +469,12 @@ def _load_folder(
         raise _unreadable(folder, on_error, exc) from exc
 
     task = task or default_task or _infer_task(config)
-    auto_cls = TASKS[task]
+    auto_cls = AUTO_CLASSES[task]
     mapping = getattr(auto_cls, "_model_mapping", None)
     if mapping is not None and type(config) not in mapping:
         raise UnsupportedModelError(
             f"{label}: a {config.model_type!r} model has no {task!r} head in transformers; "
-            f"choose another task ({', '.join(TASKS)})"
+            f"choose another task ({', '.join(AUTO_CLASSES)})"
         )
 
     kwargs: dict[str, Any] = {"dtype": dtype}

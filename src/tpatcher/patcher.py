@@ -1,111 +1,52 @@
-"""The Patcher: fix a model's mistakes one at a time by adding neurons to its last FFN."""
+"""The Patcher: fix a model's mistakes one at a time by adding neurons to its last FFN.
+
+A thin facade: the last FFN and its replay live in :mod:`tpatcher.ffn_site`, the injected
+neurons in :mod:`tpatcher.layer`, one edit's training in :mod:`tpatcher.editing`, the memory
+bank in :mod:`tpatcher.memory`, patch directories in :mod:`tpatcher.persistence` and merging
+in :mod:`tpatcher.merging`.
+"""
 
 from __future__ import annotations
 
 import copy
-import hashlib
-import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+import weakref
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from . import persistence
-from .adapters import (
-    ArchitectureAdapter,
-    VocabRows,
-    find_adapter,
-    get_submodule,
-    resolve_layers_override,
-)
-from .capture import record
 from .config import PatcherConfig
-from .encoding import Example, context_length, encode_edit
-from .errors import (
-    InvalidEditError,
-    PatchDirectoryError,
-    UnknownEditError,
-    UnsupportedModelError,
+from .editing import EditRecord, EditResult, Progress, is_right, train_edit_neurons
+from .encoding import Example, encode_edit, encode_prompt
+from .errors import InvalidEditError, PatchDirectoryError, TPatcherError, UnknownEditError
+from .ffn_site import FFNSite, eval_mode
+from .layer import NeuronState, PatchLayer
+from .memory import MemoryBank, build_memory_bank
+
+__all__ = ["EditRecord", "EditResult", "Patcher", "PatcherCheckpoint"]
+
+#: The patch layer hooked into each model, so a second Patcher on it is refused.
+_ATTACHED: weakref.WeakKeyDictionary[torch.nn.Module, weakref.ref[PatchLayer]] = (
+    weakref.WeakKeyDictionary()
 )
-from .layer import NeuronState, NewNeurons, PatchLayer
-from .memory import (
-    DEFAULT_SOURCE,
-    MemoryBank,
-    cache_key,
-    cached_vectors,
-    default_prompts,
-    subsample,
-)
-from .training import LogitsFn, train_edit
-
-logger = logging.getLogger("tpatcher")
 
 
-@dataclass
-class EditResult:
-    """What one call of :meth:`Patcher.edit` did.
+@dataclass(frozen=True)
+class PatcherCheckpoint:
+    """An editor's published state in memory (see :meth:`Patcher.checkpoint`)."""
 
-    ``success`` is checked with a real forward pass of the patched model after the neurons
-    are committed. ``already_correct`` edits change nothing and get no id.
-    """
-
-    edit_id: str | None
-    success: bool
-    steps: int
-    seconds: float
-    neurons: int
-    losses: dict[str, float] = field(default_factory=dict)
-    already_correct: bool = False
-    message: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-@dataclass
-class EditRecord:
-    """A committed edit: its provenance and the FFN inputs it added to the memory bank."""
-
-    edit_id: str
-    prompt: str
-    target: str | None
-    label: int | None
-    created: str
-    neurons: int
-    memory: torch.Tensor = field(repr=False)
-    steps: int = 0
-    seconds: float = 0.0
-
-    def to_manifest(self) -> dict[str, Any]:
-        return {
-            "id": self.edit_id,
-            "prompt": self.prompt,
-            "target": self.target,
-            "label": self.label,
-            "created": self.created,
-            "neurons": self.neurons,
-            "steps": self.steps,
-            "seconds": round(self.seconds, 4),
-        }
-
-
-@dataclass
-class Capture:
-    """What one forward pass leaves for the cached loop (batch dimension 1 kept)."""
-
-    q: torch.Tensor  # FFN inputs at every position, (1, L, d)
-    ffn_out: torch.Tensor  # FFN output incl. committed neurons, at supervised positions
-    rebuild_from: torch.Tensor  # tensor the block output is rebuilt from, supervised positions
-    logits: torch.Tensor  # (k, C) logits at supervised positions
+    state: NeuronState
+    records: tuple[EditRecord, ...]
+    edits_attempted: int
 
 
 class Patcher:
@@ -116,7 +57,8 @@ class Patcher:
     >>> patcher.save("patches/")
 
     The model stays an ordinary ``transformers`` model: ``model.generate`` uses the patch.
-    Base weights are frozen (``requires_grad`` is switched off) and never modified.
+    Base weights are frozen (``requires_grad`` is switched off) and never modified. A model
+    carries at most one Patcher at a time.
     """
 
     def __init__(
@@ -129,98 +71,106 @@ class Patcher:
         memory_source: str | None = None,
         base_model_name: str | None = None,
     ) -> None:
+        owner = _ATTACHED.get(model)
+        if owner is not None and (layer := owner()) is not None and layer.attached:
+            raise TPatcherError(
+                "this model already carries a Patcher; keep using that one (its load_edits() "
+                "adds saved edits) or call its close() before creating another"
+            )
         self.model = model
         self.tokenizer = tokenizer
         self.config = config or PatcherConfig()
-        self.adapter: ArchitectureAdapter = find_adapter(model)
-        block_path = self.adapter.block_path(model)
-        if self.config.target_module:
-            block_path = resolve_layers_override(self.adapter, model, self.config.target_module)
-        self.block_path = block_path
-        self.block = get_submodule(model, block_path)
+        self._site = FFNSite(model, target_module=self.config.target_module)
+        self.adapter = self._site.adapter
         self.task = self.adapter.task
         self.base_model_name = base_model_name or _model_name(model)
+        self.activation = self.config.resolved_neuron_activation(self._site.ffn_activation)
+        self._layer = PatchLayer(
+            self._site.input_module,
+            self._site.output_module,
+            activation=self.activation,
+            gated=self._site.gated,
+            has_bias=self._site.has_bias,
+            dtype=self._site.dtype,
+            device=self._site.device,
+            hidden_size=self._site.hidden_size,
+        )
+        _ATTACHED[model] = weakref.ref(self._layer)
+        model.requires_grad_(False)  # base weights are frozen; only new neurons train
         self._memory_texts = list(memory_texts) if memory_texts is not None else None
         self._memory_source = memory_source
         self._memory: MemoryBank | None = None
-        self.records: dict[str, EditRecord] = {}
+        self._records: dict[str, EditRecord] = {}
+        self._pending: dict[str, tuple[NeuronState, EditRecord]] = {}
+        self._directories: dict[Path, persistence.PatchDirectory] = {}
         self._lock = threading.RLock()
         self._counter = 0
-
-        value_proj = get_submodule(self.block, self.adapter.value_proj)
-        key_proj = get_submodule(self.block, self.adapter.key_proj)
-        if value_proj.weight.device.type == "meta":
-            raise UnsupportedModelError(
-                f"the last FFN ({block_path}) is offloaded (its weights are on the 'meta' "
-                "device); tpatcher patches and fingerprints the last layer, so it must be "
-                "resident: map that layer to a GPU or the CPU without offloading"
-            )
-        self.ffn_activation = self.adapter.activation(model.config)
-        self.activation = self.config.resolved_neuron_activation(self.ffn_activation)
-        self.layer = PatchLayer(
-            get_submodule(self.block, self.adapter.ffn_input),
-            get_submodule(self.block, self.adapter.ffn_output),
-            activation=self.activation,
-            gated=self.adapter.gated,
-            has_bias=getattr(key_proj, "bias", None) is not None,
-            dtype=value_proj.weight.dtype,
-            device=value_proj.weight.device,
-            hidden_size=_hidden_size(value_proj),
-        )
-        model.requires_grad_(False)  # base weights are frozen; only new neurons train
         self.beta = self.config.resolved_memory_threshold(self.activation)
         self.memory_weight = self.config.resolved_memory_weight(self.task)
-        self._fingerprint: str | None = None
 
-    # -- properties ----------------------------------------------------------------------
+    # -- what is here --------------------------------------------------------------------
     @property
     def edits(self) -> list[EditRecord]:
-        """Committed edits, oldest first."""
-        return list(self.records.values())
+        """Published edits, oldest first."""
+        return list(self._records.values())
+
+    @property
+    def edit_ids(self) -> list[str]:
+        return list(self._records)
+
+    def get_edit(self, edit_id: str) -> EditRecord | None:
+        return self._records.get(edit_id)
+
+    @property
+    def pending_edits(self) -> list[str]:
+        """Edits trained with ``publish=False`` and not yet published or discarded."""
+        return list(self._pending)
 
     @property
     def num_neurons(self) -> int:
-        return self.layer.num_neurons
+        return self._layer.num_neurons
+
+    @property
+    def edits_attempted(self) -> int:
+        """Edits that reached training; edit ``i`` seeds its neurons with ``seed + i``."""
+        return self._counter
 
     @property
     def fingerprint(self) -> str:
         """SHA-256 of the unpatched last FFN's weights: identifies the base model."""
-        if self._fingerprint is None:
-            digest = hashlib.sha256()
-            names = [self.adapter.key_proj, self.adapter.value_proj]
-            if self.adapter.gate_proj:
-                names.append(self.adapter.gate_proj)
-            for name in names:
-                for tensor in get_submodule(self.block, name).state_dict().values():
-                    data = tensor.detach().cpu().contiguous()
-                    digest.update(str(tuple(data.shape)).encode())
-                    digest.update(data.view(torch.uint8).numpy().tobytes())
-            self._fingerprint = digest.hexdigest()
-        return self._fingerprint
+        return self._site.fingerprint()
+
+    @property
+    def block_path(self) -> str:
+        return self._site.block_path
+
+    @property
+    def ffn_activation(self) -> str:
+        return self._site.ffn_activation
+
+    @property
+    def input_device(self) -> torch.device:
+        return self._site.input_device
 
     @property
     def memory(self) -> MemoryBank:
         """The memory bank, built on first use (see :mod:`tpatcher.memory`)."""
         with self._lock:
             if self._memory is None:
-                self._memory = self._build_memory()
-                for record_ in self.records.values():
-                    self._memory.add_edit(record_.edit_id, record_.memory)
+                bank = build_memory_bank(
+                    self._site,
+                    self.tokenizer,
+                    self.config,
+                    self._layer,
+                    self._memory_texts,
+                    self._memory_source,
+                )
+                for record in [*self._records.values(), *(r for _, r in self._pending.values())]:
+                    bank.add_edit(record.edit_id, record.memory)
+                self._memory = bank
             return self._memory
 
-    @property
-    def input_device(self) -> torch.device:
-        """Where inputs go: the embedding's execution device (accelerate may offload it)."""
-        embeddings = self.model.get_input_embeddings()
-        hook = getattr(embeddings, "_hf_hook", None)
-        device = getattr(hook, "execution_device", None)
-        return torch.device(device) if device is not None else embeddings.weight.device
-
-    @property
-    def num_labels(self) -> int:
-        return int(self.model.config.num_labels)
-
-    # -- encoding ------------------------------------------------------------------------
+    # -- asking --------------------------------------------------------------------------
     def encode(self, prompt: str, target: str | int | None) -> Example:
         """Tokenise an edit, refusing inputs that cannot be trained on."""
         return encode_edit(
@@ -232,76 +182,30 @@ class Patcher:
             add_space_before_target=self.config.add_space_before_target,
         )
 
-    # -- forward passes ------------------------------------------------------------------
-    def _points(self) -> dict[str, tuple[nn.Module, str]]:
-        adapter = self.adapter
-        points: dict[str, tuple[nn.Module, str]] = {
-            "q": (get_submodule(self.block, adapter.ffn_input), "input"),
-            "ffn_out": (get_submodule(self.block, adapter.ffn_output), "output"),
-        }
-        if adapter.recombine == "layer-norm":
-            points["rebuild_from"] = (get_submodule(self.block, adapter.capture), "input")
-        else:
-            block_out = (
-                get_submodule(self.block, adapter.capture) if adapter.capture else self.block
-            )
-            points["rebuild_from"] = (block_out, "output")
-        return points
-
-    def _run(self, inputs: dict[str, torch.Tensor]) -> Any:
-        device = self.input_device
-        return self.model(**{k: v.to(device) for k, v in inputs.items()})
-
-    def _logits_at(self, output: Any, positions: torch.Tensor) -> torch.Tensor:
-        logits = output.logits
-        if self.task == "seq-cls":
-            return logits.reshape(1, -1)
-        return logits[0, positions.to(logits.device)]
-
-    def capture(self, example: Example) -> Capture:
-        """One forward pass of the patched model, keeping what the cached loop needs."""
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad(), record(self._points()) as store:
-                output = self._run(example.inputs)
-        finally:
-            self.model.train(was_training)
-        pos = example.positions.to(store["q"].device)
-        return Capture(
-            q=store["q"],
-            ffn_out=store["ffn_out"][:, pos],
-            rebuild_from=store["rebuild_from"][:, pos.to(store["rebuild_from"].device)],
-            logits=self._logits_at(output, example.positions),
-        )
-
-    def _tail_logits(
-        self, capture: Capture, delta: torch.Tensor, rows: VocabRows | None = None
-    ) -> torch.Tensor:
-        """Logits at the supervised positions when ``delta`` is added to the FFN output."""
-        hidden = self.adapter.rebuild(
-            self.block,
-            capture.rebuild_from,
-            capture.ffn_out,
-            delta.to(capture.rebuild_from.dtype),
-        )
-        logits = self.adapter.head(self.model, hidden, rows)
-        return logits.reshape(-1, logits.shape[-1])
-
     def is_mistake(self, prompt: str, target: str | int) -> bool:
         """Whether the patched model gets this wrong (teacher-forced greedy, or the label)."""
-        example = self.encode(prompt, target)
-        with torch.no_grad():
-            logits = self._logits_at(self._run_eval(example.inputs), example.positions)
-        return not bool((logits.argmax(-1).cpu() == example.targets).all())
+        return not is_right(self._site, self.encode(prompt, target))
 
-    def _run_eval(self, inputs: dict[str, torch.Tensor]) -> Any:
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            return self._run(inputs)
-        finally:
-            self.model.train(was_training)
+    def generate(self, prompt: str, max_new_tokens: int = 32, **kwargs: Any) -> str:
+        """Greedy (by default) continuation of ``prompt`` by the patched model, as text."""
+        enc = encode_prompt(self.tokenizer, self.model, prompt)
+        kwargs.setdefault("do_sample", False)
+        if self.tokenizer.pad_token_id is None:
+            kwargs.setdefault("pad_token_id", self.tokenizer.eos_token_id)
+        with torch.no_grad(), eval_mode(self.model):
+            out = self.model.generate(
+                **{k: v.to(self.input_device) for k, v in enc.items()},
+                max_new_tokens=max_new_tokens,
+                **kwargs,
+            )
+        new = out[0] if self.task == "seq2seq" else out[0, enc["input_ids"].shape[1] :]
+        return self.tokenizer.decode(new, skip_special_tokens=True)
+
+    def classify(self, text: str) -> int:
+        """The patched classifier's label for ``text``."""
+        with torch.no_grad():
+            out = self._site.run(dict(self.tokenizer(text, return_tensors="pt")))
+        return int(out.logits.argmax(-1)[0])
 
     # -- editing -------------------------------------------------------------------------
     def edit(
@@ -311,80 +215,72 @@ class Patcher:
         *,
         label: str | int | None = None,
         edit_id: str | None = None,
-        progress: Callable[[int, dict[str, float]], None] | None = None,
+        progress: Progress | None = None,
+        publish: bool = True,
     ) -> EditResult:
         """Fix the model's output for ``prompt``: ``target`` text, or ``label`` for a classifier.
 
-        Adds at most ``max_neurons_per_edit`` neurons (one for a classifier) and trains them.
-        An input the model already gets right is left alone (``already_correct``). An edit
-        that cannot be fixed within ``max_steps`` leaves no neurons behind.
+        Adds at most ``max_neurons_per_edit`` neurons (one for a classifier), trains them and
+        checks the fix with a real forward pass that only this thread sees. An input the model
+        already gets right is left alone (``already_correct``); an edit that cannot be fixed
+        leaves no neurons behind. With ``publish=False`` a fixed edit stays private (to this
+        thread and to later edits of this Patcher) until :meth:`publish` or :meth:`discard`:
+        the service writes it durably in between.
         """
         if self.task == "seq-cls":
             target = label if label is not None else target
         elif label is not None:
             raise InvalidEditError("label= is for classifiers; pass the target text")
-        if edit_id is not None and (edit_id in self.records or not _valid_id(edit_id)):
-            raise InvalidEditError(f"edit id {edit_id!r} is already used or not valid")
         with self._lock:
+            if edit_id is not None:
+                if edit_id in self._records or edit_id in self._pending:
+                    raise InvalidEditError(f"edit id {edit_id!r} is already used")
+                if not persistence.valid_edit_id(edit_id):
+                    raise InvalidEditError(f"edit id {edit_id!r} is not valid")
             start = time.perf_counter()
             example = self.encode(prompt, target)
-            cap = self.capture(example)
-            wrong = (cap.logits.argmax(-1).cpu() != example.targets).nonzero().flatten()
-            if len(wrong) == 0:
-                return EditResult(
-                    None,
-                    True,
-                    0,
-                    time.perf_counter() - start,
-                    0,
-                    already_correct=True,
-                    message="the model already gets this right",
+            staged = self._staged_state()
+            with self._layer.private(staged):
+                memory = self.memory.vectors()
+                trained = train_edit_neurons(
+                    self._site,
+                    self._layer,
+                    self.config,
+                    example,
+                    memory,
+                    seed=self.config.seed + self._counter,
+                    beta=self.beta,
+                    memory_weight=self.memory_weight,
+                    progress=progress,
                 )
-            memory = self.memory.vectors()
-            sites = example.positions[wrong[: self._max_neurons()]]
-            q_all = cap.q[0].to(torch.promote_types(cap.q.dtype, torch.float32))
-            q_edit = q_all[sites.to(q_all.device)]
-            seed = self.config.seed + self._counter
-            self._counter += 1
-            neurons = NewNeurons(
-                q_edit.cpu(),
-                gated=self.adapter.gated,
-                has_bias=self.layer.has_bias,
-                activation=self.activation,
-                amplifier_init=self.config.value_amplifier_init,
-                generator=torch.Generator().manual_seed(seed),
-            ).to(q_edit.device)
-            targets = example.targets.to(cap.logits.device)
-            logits_fn = self._logits_fn(example, cap)
-            outcome = train_edit(
-                neurons,
-                logits_fn,
-                targets,
-                q_edit,
-                memory.to(device=q_edit.device, dtype=q_edit.dtype),
-                config=self.config,
-                beta=self.beta,
-                memory_weight=self.memory_weight,
-                vocab_size=cap.logits.shape[-1],
-                progress=progress,
-            )
-            seconds = time.perf_counter() - start
-            if not outcome.fixed:
-                return EditResult(
-                    None,
-                    False,
-                    outcome.steps,
-                    seconds,
-                    0,
-                    outcome.losses,
-                    message=f"not fixed within {self.config.max_steps} steps; no neurons kept",
-                )
-            new_id = edit_id or uuid.uuid4().hex[:12]
-            frozen = neurons.frozen(new_id, self.layer.dtype, self.layer.device)
-            before = self.layer.state
-            self.layer.state = before.concat(frozen)
-            if self.is_mistake(prompt, target):  # the real model must agree with the cache
-                self.layer.state = before
+                if trained.neurons is None:
+                    return EditResult(
+                        None,
+                        True,
+                        0,
+                        time.perf_counter() - start,
+                        0,
+                        already_correct=True,
+                        message="the model already gets this right",
+                    )
+                self._counter += 1
+                outcome = trained.outcome
+                assert outcome is not None
+                if not outcome.fixed:
+                    return EditResult(
+                        None,
+                        False,
+                        outcome.steps,
+                        time.perf_counter() - start,
+                        0,
+                        outcome.losses,
+                        message=f"not fixed within {self.config.max_steps} steps; no neurons kept",
+                    )
+                new_id = edit_id or uuid.uuid4().hex[:12]
+                frozen = trained.neurons.frozen(new_id, self._layer.dtype, self._layer.device)
+                with self._layer.private(staged.concat(frozen)):
+                    verified = is_right(self._site, example)  # the real model must agree
+            if not verified:
                 return EditResult(
                     None,
                     False,
@@ -394,203 +290,119 @@ class Patcher:
                     outcome.losses,
                     message="trained, but the full model still gets it wrong; no neurons kept",
                 )
-            positions = example.positions if self.task == "seq-cls" else slice(None)
-            record_ = EditRecord(
+            record = EditRecord(
                 edit_id=new_id,
                 prompt=prompt,
                 target=None if self.task == "seq-cls" else str(target),
                 label=int(example.targets[0]) if self.task == "seq-cls" else None,
                 created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 neurons=frozen.size,
-                memory=q_all[positions].detach().cpu(),
+                memory=trained.memory,
                 steps=outcome.steps,
                 seconds=time.perf_counter() - start,
             )
-            self.records[new_id] = record_
+            self._pending[new_id] = (frozen, record)
             if self.config.add_edits_to_memory:
-                self.memory.add_edit(new_id, record_.memory)
+                self.memory.add_edit(new_id, record.memory)
+            if publish:
+                self.publish(new_id)
             return EditResult(
-                new_id, True, outcome.steps, record_.seconds, frozen.size, outcome.losses
+                new_id,
+                True,
+                outcome.steps,
+                record.seconds,
+                frozen.size,
+                outcome.losses,
+                published=publish,
             )
 
-    def _max_neurons(self) -> int:
-        return 1 if self.task == "seq-cls" else self.config.max_neurons_per_edit
+    def _staged_state(self) -> NeuronState:
+        """Published neurons followed by every pending edit's."""
+        state = self._layer.state
+        for neurons, _ in self._pending.values():
+            state = state.concat(neurons)
+        return state
 
-    def _logits_fn(self, example: Example, cap: Capture) -> LogitsFn:
-        if self.config.training_loop == "cached":
-            pos = example.positions.to(cap.q.device)
-            q_sup = cap.q[:, pos].to(torch.promote_types(cap.q.dtype, torch.float32))
-
-            def cached(neurons: NewNeurons, rows: VocabRows | None) -> torch.Tensor:
-                return self._tail_logits(cap, neurons(q_sup), rows)
-
-            return cached
-
-        def full(neurons: NewNeurons, rows: VocabRows | None) -> torch.Tensor:
-            was_training = self.model.training
-            self.model.eval()
-            try:
-                with self.layer.training(neurons):
-                    logits = self._logits_at(self._run(example.inputs), example.positions)
-            finally:
-                self.model.train(was_training)
-            if rows is None:
-                return logits
-            return logits.index_select(1, rows.index.to(logits.device))
-
-        return full
-
-    # -- managing edits ------------------------------------------------------------------
-    def rollback(self, edit_id: str) -> None:
-        """Remove exactly the neurons (and memory vectors) of one edit."""
+    def publish(self, *edit_ids: str) -> None:
+        """Make pending edits visible to every thread, all at once (one state swap)."""
         with self._lock:
-            if edit_id not in self.records:
+            missing = [i for i in edit_ids if i not in self._pending]
+            if missing:
+                raise UnknownEditError(f"no pending edit with id {missing[0]!r}")
+            state = self._layer.state
+            for edit_id in edit_ids:
+                state = state.concat(self._pending[edit_id][0])
+            self._layer.state = state
+            for edit_id in edit_ids:
+                self._records[edit_id] = self._pending.pop(edit_id)[1]
+
+    def discard(self, *edit_ids: str) -> None:
+        """Drop pending edits: nobody but their own thread ever saw them."""
+        with self._lock:
+            for edit_id in edit_ids:
+                if self._pending.pop(edit_id, None) is None:
+                    raise UnknownEditError(f"no pending edit with id {edit_id!r}")
+                if self._memory is not None:
+                    self._memory.remove_edit(edit_id)
+
+    def rollback(self, edit_id: str) -> None:
+        """Remove exactly the neurons (and memory vectors) of one published edit."""
+        with self._lock:
+            if edit_id not in self._records:
                 raise UnknownEditError(f"no edit with id {edit_id!r}")
-            state = self.layer.state
-            keep = torch.tensor([owner != edit_id for owner in state.owners], dtype=torch.bool)
-            self.layer.state = state.select(keep)
-            del self.records[edit_id]
+            self._layer.state = self._layer.state.without({edit_id})
+            del self._records[edit_id]
             if self._memory is not None:
                 self._memory.remove_edit(edit_id)
 
+    # -- switching the patch -------------------------------------------------------------
     def disable(self) -> None:
         """Answer with the base model until :meth:`enable`; edits are kept."""
-        self.layer.enabled = False
+        self._layer.enabled = False
 
     def enable(self) -> None:
-        self.layer.enabled = True
+        self._layer.enabled = True
 
     @contextmanager
     def disabled(self) -> Iterator[None]:
-        """``with patcher.disabled(): ...`` runs the unpatched model."""
-        previous = self.layer.enabled
-        self.layer.enabled = False
+        """``with patcher.disabled(): ...`` runs the unpatched model (for every thread)."""
+        previous = self._layer.enabled
+        self._layer.enabled = False
         try:
             yield
         finally:
-            self.layer.enabled = previous
+            self._layer.enabled = previous
 
-    def generate(self, prompt: str, max_new_tokens: int = 32, **kwargs: Any) -> str:
-        """Greedy (by default) continuation of ``prompt`` by the patched model, as text."""
-        enc = self.tokenizer(prompt, return_tensors="pt").to(self.input_device)
-        kwargs.setdefault("do_sample", False)
-        if self.tokenizer.pad_token_id is None:
-            kwargs.setdefault("pad_token_id", self.tokenizer.eos_token_id)
-        with torch.no_grad():
-            out = self.model.generate(**enc, max_new_tokens=max_new_tokens, **kwargs)
-        new = out[0] if self.task == "seq2seq" else out[0, enc["input_ids"].shape[1] :]
-        return self.tokenizer.decode(new, skip_special_tokens=True)
+    disable_adapter = disabled  # the peft spelling
 
-    def classify(self, text: str) -> int:
-        """The patched classifier's label for ``text``."""
-        with torch.no_grad():
-            out = self._run_eval(dict(self.tokenizer(text, return_tensors="pt")))
-        return int(out.logits.argmax(-1)[0])
+    def close(self) -> None:
+        """Remove the hooks: the model answers as the base model again."""
+        self._layer.remove()
 
-    # -- memory --------------------------------------------------------------------------
-    def memory_vectors(self, texts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
-        """Last-FFN inputs of ``texts``: every token position, or the head's position for a
-        classifier. For a seq2seq model, decoder positions with the text as decoder input."""
-        chunks: list[torch.Tensor] = []
-        point = {"q": (get_submodule(self.block, self.adapter.ffn_input), "input")}
-        pad_side = getattr(self.tokenizer, "padding_side", "right")
-        self.tokenizer.padding_side = "right"
-        try:
-            for i in range(0, len(texts), batch_size):
-                batch = list(texts[i : i + batch_size])
-                enc = self._batch(batch)
-                with torch.no_grad(), record(point) as store:  # type: ignore[arg-type]
-                    self._run_eval(enc)
-                q = store["q"].float().cpu()
-                if self.task == "seq-cls":
-                    chunks.append(q[:, 0])
-                else:
-                    mask_key = (
-                        "decoder_attention_mask" if self.task == "seq2seq" else "attention_mask"
-                    )
-                    chunks.append(q[enc[mask_key].bool()])
-        finally:
-            self.tokenizer.padding_side = pad_side
-        return torch.cat(chunks) if chunks else torch.zeros(0, self.layer.hidden_size)
-
-    def _batch(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        limit = context_length(self.model) or 512
-        enc = dict(
-            self.tokenizer(
-                texts, return_tensors="pt", padding=True, truncation=True, max_length=limit
+    # -- checkpoints and patch directories -----------------------------------------------
+    def checkpoint(self) -> PatcherCheckpoint:
+        """The published edits and the edit counter, to :meth:`restore` later."""
+        with self._lock:
+            return PatcherCheckpoint(
+                self._layer.state, tuple(self._records.values()), self._counter
             )
-        )
-        if self.task == "seq2seq":
-            enc["decoder_input_ids"] = self.model.prepare_decoder_input_ids_from_labels(
-                labels=enc["input_ids"]
-            )
-            enc["decoder_attention_mask"] = enc["attention_mask"]
-        return enc
 
-    def _build_memory(self) -> MemoryBank:
-        limit = self.config.memory_size
-        if self._memory_texts is not None:
-            vectors = subsample(self.memory_vectors(self._memory_texts), limit, self.config.seed)
-            source = self._memory_source or f"{len(self._memory_texts)} user-supplied texts"
-            if self.config.include_default_memory:
-                vectors = torch.cat([vectors, self._default_bank(limit)])
-                source = f"{source}; and {DEFAULT_SOURCE}"
-            logger.info("memory bank: %d vectors from %s", vectors.shape[0], source)
-            return MemoryBank(vectors, source)
-        vectors = self._default_bank(limit)
-        logger.info("memory bank: %d vectors from %s", vectors.shape[0], DEFAULT_SOURCE)
-        return MemoryBank(vectors, DEFAULT_SOURCE)
+    def restore(self, checkpoint: PatcherCheckpoint) -> None:
+        """Return to a :meth:`checkpoint`: later edits are gone, pending ones discarded."""
+        with self._lock:
+            self.discard(*self._pending)
+            self._layer.state = checkpoint.state
+            self._records = {r.edit_id: r for r in checkpoint.records}
+            self._counter = checkpoint.edits_attempted
+            if self._memory is not None:
+                self._memory.keep_edits(set(self._records))
+                for record in self._records.values():
+                    self._memory.add_edit(record.edit_id, record.memory)
 
-    def _default_bank(self, limit: int) -> torch.Tensor:
-        """The default memory vectors, cached per model fingerprint."""
-        prompts = default_prompts()
-        key = cache_key(self.fingerprint, prompts, f"{self.task}-{limit}-v1")
-        with self.disabled():
-            return cached_vectors(key, lambda: self._default_vectors(prompts, limit))
-
-    def _default_vectors(self, prompts: list[str], limit: int) -> torch.Tensor:
-        """FFN inputs over generic prompts and the unedited model's own continuations."""
-        texts = list(prompts)
-        if self.task != "seq-cls":
-            torch.manual_seed(self.config.seed)
-            texts += self.generate_batch(prompts * 2, 48, do_sample=True, top_p=0.95)
-        return subsample(self.memory_vectors(texts), limit, self.config.seed)
-
-    def generate_batch(
-        self, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 32, **kwargs: Any
-    ) -> list[str]:
-        """Prompt plus continuation for each prompt, generated in left-padded batches."""
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        side = self.tokenizer.padding_side
-        self.tokenizer.padding_side = "left"
-        texts: list[str] = []
-        try:
-            for i in range(0, len(prompts), batch_size):
-                batch = list(prompts[i : i + batch_size])
-                enc = self.tokenizer(batch, return_tensors="pt", padding=True)
-                enc = enc.to(self.input_device)
-                with torch.no_grad():
-                    out = self.model.generate(
-                        **enc,
-                        max_new_tokens=max_new_tokens,
-                        pad_token_id=self.tokenizer.pad_token_id,
-                        **kwargs,
-                    )
-                if self.task == "seq2seq":
-                    new = out
-                else:
-                    new = out[:, enc["input_ids"].shape[1] :]
-                for prompt, ids in zip(batch, new, strict=True):
-                    texts.append(prompt + self.tokenizer.decode(ids, skip_special_tokens=True))
-        finally:
-            self.tokenizer.padding_side = side
-        return texts
-
-    # -- persistence ---------------------------------------------------------------------
-    def manifest(self) -> dict[str, Any]:
+    def manifest(self, *, include: Sequence[str] = ()) -> dict[str, Any]:
+        """The patch directory's manifest: published edits, plus pending ones in ``include``."""
+        entries = [r.to_manifest() for r in self._records.values()]
+        entries += [self._pending[i][1].to_manifest() for i in include]
         return {
             "base_model": self.base_model_name,
             "fingerprint": self.fingerprint,
@@ -599,33 +411,50 @@ class Patcher:
             "config": self.config.to_dict(),
             "activation": self.activation,  # of the neurons, as resolved; checked on load
             "edits_attempted": self._counter,  # seeds the next edit's neurons (seed + count)
-            "edits": [r.to_manifest() for r in self.records.values()],
+            "edits": entries,
         }
 
-    def edit_tensors(self, edit_id: str) -> dict[str, torch.Tensor]:
-        """The tensors that describe one committed edit (as saved)."""
-        state = self.layer.state
-        mask = torch.tensor([o == edit_id for o in state.owners], dtype=torch.bool)
-        mine = state.select(mask)
-        tensors = {"keys": mine.keys, "values": mine.values, "memory": self.records[edit_id].memory}
-        if mine.up_keys is not None:
-            tensors["up_keys"] = mine.up_keys
-        if mine.biases is not None:
-            tensors["biases"] = mine.biases
-        return tensors
+    def _edit_tensors(self, edit_id: str) -> dict[str, torch.Tensor]:
+        if edit_id in self._pending:
+            state, record = self._pending[edit_id]
+        else:
+            state, record = self._layer.state.owned_by(edit_id), self._records[edit_id]
+        return persistence.edit_tensors(state, record.memory)
+
+    def patch_directory(self, directory: str | Path) -> persistence.PatchDirectory:
+        """The writer of ``directory`` (one per path, so it remembers file checksums)."""
+        path = Path(directory).expanduser().resolve()
+        if path not in self._directories:
+            self._directories[path] = persistence.PatchDirectory(path)
+        return self._directories[path]
 
     def save(self, directory: str | Path) -> Path:
         """Write the patch (edit tensors and manifest) atomically; returns the directory."""
-        directory = Path(directory)
+        with self._lock:
+            target = self.patch_directory(directory)
+            target.save(self.manifest(), {i: self._edit_tensors(i) for i in self._records})
+        return Path(directory)
+
+    save_pretrained = save  # the transformers/peft spelling
+
+    def save_edit(self, directory: str | Path, edit_id: str) -> str:
+        """Append one edit (published, or pending: written before it is published) to a
+        saved patch directory, durably; returns its file's SHA-256."""
+        with self._lock:
+            include = [edit_id] if edit_id in self._pending else []
+            if not include and edit_id not in self._records:
+                raise UnknownEditError(f"no edit with id {edit_id!r}")
+            target = self.patch_directory(directory)
+            return target.append(
+                self.manifest(include=include), edit_id, self._edit_tensors(edit_id)
+            )
+
+    def remove_saved_edit(self, directory: str | Path, edit_id: str) -> None:
+        """Remove one edit from a saved patch directory durably (not from the model)."""
         with self._lock:
             manifest = self.manifest()
-            for entry in manifest["edits"]:
-                entry["sha256"] = persistence.write_edit(
-                    directory, entry["id"], self.edit_tensors(entry["id"])
-                )
-            persistence.write_manifest(directory, manifest)
-            persistence.remove_unlisted(directory, set(self.records))
-        return directory
+            manifest["edits"] = [e for e in manifest["edits"] if e["id"] != edit_id]
+            self.patch_directory(directory).remove(manifest, edit_id)
 
     @classmethod
     def load(
@@ -637,22 +466,42 @@ class Patcher:
         **kwargs: Any,
     ) -> Patcher:
         """A Patcher with the edits saved in ``directory``; refuses another model's patch."""
-        manifest = persistence.read_manifest(Path(directory))
-        patcher = cls(
-            model,
-            tokenizer,
-            config or PatcherConfig.from_manifest(manifest),
-            **kwargs,
-        )
+        manifest = persistence.PatchDirectory(directory).read()
+        patcher = cls(model, tokenizer, config or PatcherConfig.from_manifest(manifest), **kwargs)
         try:
-            patcher.add_saved_edits(directory, manifest)
+            patcher.load_edits(directory)
         except BaseException:
             patcher.close()
             raise
         return patcher
 
-    def add_saved_edits(self, directory: str | Path, manifest: dict[str, Any]) -> None:
-        """Verify every saved edit, then switch them all in at once (all or nothing)."""
+    from_pretrained = load  # the transformers/peft spelling
+
+    def load_edits(self, directory: str | Path) -> None:
+        """Verify every edit saved in ``directory``, then switch them all in at once (all or
+        nothing); the edit counter continues from the saved one."""
+        with self._lock:
+            source = self.patch_directory(directory)
+            manifest = source.read()
+            self._check_compatible(manifest, directory)
+            state, records = self._layer.state, []
+            for entry in manifest["edits"]:
+                edit_id = str(entry["id"])
+                if edit_id in self._records or edit_id in self._pending:
+                    raise PatchDirectoryError(f"edit {edit_id} is already loaded")
+                tensors = source.read_edit(entry)
+                state = state.concat(
+                    persistence.state_from_tensors(edit_id, tensors, self._layer, directory)
+                )
+                records.append(_record_from(entry, tensors, self._layer.hidden_size))
+            self._layer.state = state
+            self._counter = max(self._counter, int(manifest.get("edits_attempted", len(records))))
+            for record in records:
+                self._records[record.edit_id] = record
+                if self._memory is not None and self.config.add_edits_to_memory:
+                    self._memory.add_edit(record.edit_id, record.memory)
+
+    def _check_compatible(self, manifest: dict[str, Any], directory: str | Path) -> None:
         if manifest.get("fingerprint") != self.fingerprint:
             raise PatchDirectoryError(
                 f"{directory} was made for base model {manifest.get('base_model')!r} "
@@ -668,157 +517,39 @@ class Patcher:
                 f"neurons use {self.activation!r}; load it with the config it was saved with "
                 "(Patcher.load without config) or set neuron_activation accordingly"
             )
-        state = self.layer.state
-        records: list[EditRecord] = []
-        for entry in manifest["edits"]:
-            tensors = persistence.read_edit(Path(directory), entry)
-            edit_id = str(entry["id"])
-            if edit_id in self.records:
-                raise PatchDirectoryError(f"edit {edit_id} is already loaded")
-            state = state.concat(self._state_from(edit_id, tensors, directory))
-            records.append(
-                EditRecord(
-                    edit_id=edit_id,
-                    prompt=str(entry.get("prompt", "")),
-                    target=entry.get("target"),
-                    label=entry.get("label"),
-                    created=str(entry.get("created", "")),
-                    neurons=int(tensors["keys"].shape[0]),
-                    memory=tensors.get("memory", torch.zeros(0, self.layer.hidden_size)),
-                    steps=int(entry.get("steps", 0)),
-                    seconds=float(entry.get("seconds", 0.0)),
-                )
-            )
-        self.layer.state = state
-        self._counter = max(self._counter, int(manifest.get("edits_attempted", len(records))))
-        for record_ in records:
-            self.records[record_.edit_id] = record_
-            if self._memory is not None and self.config.add_edits_to_memory:
-                self._memory.add_edit(record_.edit_id, record_.memory)
-
-    def _state_from(
-        self, edit_id: str, tensors: dict[str, torch.Tensor], where: Any
-    ) -> NeuronState:
-        d = self.layer.hidden_size
-        keys, values = tensors.get("keys"), tensors.get("values")
-        up, biases = tensors.get("up_keys"), tensors.get("biases")
-        bad = (
-            keys is None
-            or values is None
-            or keys.ndim != 2
-            or keys.shape[1] != d
-            or values.shape != keys.shape
-            or (self.layer.gated != (up is not None))
-            or (up is not None and up.shape != keys.shape)
-            or (self.layer.has_bias != (biases is not None))
-            or (biases is not None and biases.shape != (keys.shape[0],))
-        )
-        if bad:
-            raise PatchDirectoryError(f"edit {edit_id} in {where} does not fit this model's FFN")
-
-        def to(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(device=self.layer.device, dtype=self.layer.dtype)
-
-        return NeuronState(
-            keys=to(keys),  # type: ignore[arg-type]
-            values=to(values),  # type: ignore[arg-type]
-            up_keys=to(up),
-            biases=to(biases),
-            owners=(edit_id,) * keys.shape[0],  # type: ignore[union-attr]
-        )
-
-    def close(self) -> None:
-        """Remove the hooks: the model answers as the base model again."""
-        self.layer.remove()
 
     # -- merging -------------------------------------------------------------------------
     def merge(self) -> PreTrainedModel:
-        """A plain copy of the model with the neurons folded into a wider last FFN.
+        """A plain copy of the model with the neurons folded into a wider last FFN
+        (see :func:`tpatcher.merging.merge_into` for how each neuron form is folded)."""
+        from .merging import merge_into
 
-        The copy needs no tpatcher at run time. Its last FFN is wider than the config says,
-        so it runs in memory but ``save_pretrained`` cannot round-trip it; keep the patch
-        directory as the saved form. Neurons whose activation is not the FFN's
-        (``neuron_activation``) cannot be folded in; that is refused.
-        """
-        if self.layer.state.size and self.activation != self.ffn_activation:
-            raise UnsupportedModelError(
-                f"this patch's neurons use {self.activation!r} but the FFN uses "
-                f"{self.ffn_activation!r}, so they cannot be folded into it; keep the patch "
-                "directory (and tpatcher) instead, or edit with neuron_activation=None"
-            )
-        self.layer.remove()
+        self._layer.remove()
         try:
             merged = copy.deepcopy(self.model)
         finally:
-            self.layer = _reattach(self.layer, self.block, self.adapter)
-        if not self.layer.enabled or not self.layer.state.size:
+            self._layer.attach()
+        if not self._layer.enabled or not self._layer.state.size:
             return merged
-        block = get_submodule(merged, self.block_path)
-        state = self.layer.state
-        adapter = self.adapter
-        if adapter.gated:
-            _grow_out(get_submodule(block, adapter.gate_proj), state.keys, None)  # type: ignore[arg-type]
-            _grow_out(get_submodule(block, adapter.key_proj), state.up_keys, None)  # type: ignore[arg-type]
-        else:
-            _grow_out(get_submodule(block, adapter.key_proj), state.keys, state.biases)
-        _grow_in(get_submodule(block, adapter.value_proj), state.values)
-        return merged
+        site = FFNSite(merged, self.adapter, self.block_path)
+        return merge_into(merged, site, self._layer.state, self.activation)
+
+    merge_and_unload = merge  # the peft spelling
 
 
-def _reattach(layer: PatchLayer, block: nn.Module, adapter: ArchitectureAdapter) -> PatchLayer:
-    fresh = PatchLayer(
-        get_submodule(block, adapter.ffn_input),
-        get_submodule(block, adapter.ffn_output),
-        activation=layer.activation,
-        gated=layer.gated,
-        has_bias=layer.has_bias,
-        dtype=layer.dtype,
-        device=layer.device,
-        hidden_size=layer.hidden_size,
+def _record_from(entry: dict[str, Any], tensors: dict[str, torch.Tensor], d: int) -> EditRecord:
+    return EditRecord(
+        edit_id=str(entry["id"]),
+        prompt=str(entry.get("prompt", "")),
+        target=entry.get("target"),
+        label=entry.get("label"),
+        created=str(entry.get("created", "")),
+        neurons=int(tensors["keys"].shape[0]),
+        memory=tensors.get("memory", torch.zeros(0, d)),
+        steps=int(entry.get("steps", 0)),
+        seconds=float(entry.get("seconds", 0.0)),
     )
-    fresh.state, fresh.enabled = layer.state, layer.enabled
-    return fresh
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D"  # GPT-2 stores weights as (in, out)
-
-
-def _grow_out(module: nn.Module, rows: torch.Tensor, bias: torch.Tensor | None) -> None:
-    """Append output units (``rows``: (n, in)) to a linear map."""
-    weight = module.weight
-    rows = rows.to(device=weight.device, dtype=weight.dtype)
-    if _is_conv1d(module):
-        module.weight = nn.Parameter(torch.cat([weight.data, rows.T], dim=1), requires_grad=False)
-        module.nf = module.weight.shape[1]
-    else:
-        module.weight = nn.Parameter(torch.cat([weight.data, rows], dim=0), requires_grad=False)
-        module.out_features = module.weight.shape[0]
-    if getattr(module, "bias", None) is not None:
-        extra = bias if bias is not None else torch.zeros(rows.shape[0])
-        extra = extra.to(device=weight.device, dtype=weight.dtype)
-        module.bias = nn.Parameter(torch.cat([module.bias.data, extra]), requires_grad=False)
-
-
-def _grow_in(module: nn.Module, values: torch.Tensor) -> None:
-    """Append input units whose output weights are ``values`` (n, out)."""
-    weight = module.weight
-    values = values.to(device=weight.device, dtype=weight.dtype)
-    if _is_conv1d(module):
-        module.weight = nn.Parameter(torch.cat([weight.data, values], dim=0), requires_grad=False)
-    else:
-        module.weight = nn.Parameter(torch.cat([weight.data, values.T], dim=1), requires_grad=False)
-        module.in_features = module.weight.shape[1]
-
-
-def _hidden_size(value_proj: nn.Module) -> int:
-    weight = value_proj.weight
-    return int(weight.shape[1] if _is_conv1d(value_proj) else weight.shape[0])
 
 
 def _model_name(model: PreTrainedModel) -> str:
     return str(getattr(model.config, "name_or_path", "") or getattr(model, "name_or_path", ""))
-
-
-def _valid_id(edit_id: str) -> bool:
-    return bool(persistence._EDIT_ID.match(edit_id))

@@ -174,7 +174,7 @@ def train_edit(
     best_memory = math.inf
     stale = 0
     losses: dict[str, torch.Tensor] = {}
-    fixed = False
+    fixed = confirmed = False
     step = 0
     for step in range(config.max_steps + 1):
         if step % _REFRESH_EVERY == 0:
@@ -210,6 +210,7 @@ def train_edit(
                 neurons, candidates, losses["s_edit"], beta, config.margin
             ):
                 if vocab.confirm(logits_fn, neurons):  # decided on the whole vocabulary
+                    confirmed = True
                     break
                 fixed, stale = False, 0
         if step == config.max_steps:
@@ -219,6 +220,9 @@ def train_edit(
         torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
         optimizer.step()
         scheduler.step(float(losses["total"].detach()))
+    if fixed and not confirmed and vocab.rows is not None:  # early_stop off, or at max_steps
+        with torch.no_grad():
+            fixed = bool((logits_fn(neurons, None).argmax(-1) == targets).all())
     values = {k: float(v.detach()) for k, v in losses.items() if k != "s_edit"}
     return TrainOutcome(fixed=fixed, steps=step, seconds=time.perf_counter() - start, losses=values)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 ZSRE_FORMAT = "Question: {q}\nAnswer:"
-TASKS = ("zsre", "counterfact", "factcheck")
+BENCH_TASKS = ("zsre", "counterfact", "factcheck")
 MODES = ("mistakes", "counterfactual")
 DEFAULT_MODE = {"zsre": "mistakes", "counterfact": "counterfactual", "factcheck": "mistakes"}
 
@@ -89,8 +89,8 @@ def load_task(
     ``heldout`` caps each of the two held-out sets (TrainR, TestR); ``memory_records`` caps
     the records turned into memory texts.
     """
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    if task not in BENCH_TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(BENCH_TASKS)}")
     mode = mode or DEFAULT_MODE[task]
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
