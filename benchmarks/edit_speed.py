@@ -22,6 +22,7 @@ from tpatcher import Patcher, PatcherConfig
 from tpatcher.config import neuron_activation_from_word
 from tpatcher.demo_facts import FACTS, question_prompt
 from tpatcher.layer import NeuronState
+from tpatcher.ledger import PatcherCheckpoint
 from tpatcher.memory import default_prompts
 
 
@@ -41,7 +42,7 @@ def time_edits(patcher: Patcher, stream: list[tuple[str, str]], count: int) -> l
             break
         if not patcher.is_mistake(prompt, target):
             continue
-        if patcher.layer.device.type == "cuda":
+        if patcher.neurons.keys.device.type == "cuda":
             torch.cuda.synchronize()
         result = patcher.edit(prompt, target)
         rows.append(
@@ -77,22 +78,20 @@ def generation_latency(
     The counts are interleaved round by round, so drifting clocks or a busy neighbour affect
     every count alike instead of the one measured last.
     """
-    layer = patcher.layer
-    saved = layer.state
-    d = layer.hidden_size
+    saved = patcher.checkpoint()
+    like = patcher.neurons.keys  # (0, d) on the patch's device, in its dtype
+    d, device = like.shape[1], like.device
     gen = torch.Generator().manual_seed(0)
 
     def rand(*shape: int) -> torch.Tensor:
-        return (torch.randn(*shape, generator=gen) * 0.01).to(
-            device=layer.device, dtype=layer.dtype
-        )
+        return (torch.randn(*shape, generator=gen) * 0.01).to(device=device, dtype=like.dtype)
 
     states = {
         n: NeuronState(
             keys=rand(n, d),
             values=rand(n, d),
-            up_keys=rand(n, d) if layer.gated else None,
-            biases=rand(n) if layer.has_bias else None,
+            up_keys=rand(n, d) if saved.state.up_keys is not None else None,
+            biases=rand(n) if saved.state.biases is not None else None,
             owners=("bench",) * n,
         )
         for n in counts
@@ -100,7 +99,7 @@ def generation_latency(
     enc = patcher.tokenizer(prompt, return_tensors="pt").to(patcher.input_device)
 
     def run() -> float:
-        if layer.device.type == "cuda":
+        if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
         with torch.no_grad():
@@ -111,7 +110,7 @@ def generation_latency(
                 do_sample=False,
                 pad_token_id=patcher.tokenizer.eos_token_id,
             )
-        if layer.device.type == "cuda":
+        if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
@@ -120,10 +119,10 @@ def generation_latency(
         run()  # warm-up
         for _ in range(rounds):
             for n in counts:
-                layer.state = states[n]
+                patcher.restore(PatcherCheckpoint(states[n], (), saved.edits_attempted))
                 times[n].append(run())
     finally:
-        layer.state = saved
+        patcher.restore(saved)
     return {str(n): statistics.median(t) for n, t in times.items()}
 
 

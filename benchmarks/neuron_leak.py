@@ -25,13 +25,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def leak_report(patcher: Patcher, texts: list[str]) -> dict[str, float]:
     """Pre-activation shares and the median norm of the patch's output per token."""
-    state = patcher.layer.state
-    with patcher.disabled():
-        q = patcher.memory_vectors(texts).float()
+    state = patcher.neurons
+    q = patcher.ffn_inputs(texts).float()
     pre = q @ state.keys.float().T
     if state.biases is not None:
         pre = pre + state.biases.float()
-    delta = patcher.layer.committed_output(q.to(state.keys.dtype)).float()
+    delta = patcher.patch_output(q).float()
     beta = patcher.beta
     return {
         "tokens": q.shape[0],

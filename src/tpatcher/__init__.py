@@ -14,6 +14,7 @@ from .errors import (
     UnknownEditError,
     UnsupportedModelError,
 )
+from .ledger import PatcherCheckpoint
 from .patcher import EditRecord, EditResult, Patcher
 
 __version__ = "0.1.0"
@@ -25,6 +26,7 @@ __all__ = [
     "ModelNotFoundError",
     "PatchDirectoryError",
     "Patcher",
+    "PatcherCheckpoint",
     "PatcherConfig",
     "TPatcherError",
     "TrainingError",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -149,51 +148,95 @@ def info(patch_dir: PatchDir) -> None:
     console.print(f"{len(manifest['edits'])} edit(s)")
 
 
+class _DemoAsker:
+    """How the demo asks a question and judges the answer: through the chat template with the
+    free answer's first sentence (chat models, as their users ask), or the plain
+    "Question: ...\nAnswer:" template with the answer's start."""
+
+    def __init__(self, patcher, form: str) -> None:
+        from .encoding import has_chat_template
+
+        if form == "auto":
+            form = "chat" if has_chat_template(patcher.tokenizer) else "template"
+        if form == "chat" and not has_chat_template(patcher.tokenizer):
+            raise TPatcherError("--format chat: this model has no chat template")
+        self.patcher, self.form = patcher, form
+        self.tokens = 48 if form == "chat" else 12
+
+    def prompt(self, question: str) -> str:
+        from .demo_facts import question_prompt
+
+        return (
+            self.patcher.chat_prompt(question) if self.form == "chat" else question_prompt(question)
+        )
+
+    def ask(self, question: str) -> str:
+        return self.patcher.generate(self.prompt(question), self.tokens)
+
+    def shown(self, text: str) -> str:
+        from .answers import first_sentence
+
+        line = first_sentence(text) if self.form == "chat" else _first_line(text)
+        return line.strip() or "(nothing)"
+
+    def answered(self, answer: str, text: str) -> bool:
+        from .answers import contains_answer
+
+        return contains_answer(text, answer) if self.form == "chat" else _answered(answer, text)
+
+    def is_mistake(self, question: str, answer: str) -> bool:
+        judge = "answer" if self.form == "chat" else "tokens"
+        return self.patcher.is_mistake(self.prompt(question), answer, judge=judge)
+
+
 @app.command()
 def demo(
     model: ModelOption = "smollm2-135m",
     save_to: Annotated[Path | None, typer.Option(help="Also save the patch here")] = None,
     limit: Annotated[int, typer.Option(help="Patch at most this many mistakes")] = 8,
     neuron_activation: NeuronActivationOption = "auto",
+    form: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="How questions are asked: 'chat' (the model's chat template, the free "
+            "answer's first sentence judged), 'template' (Question: ...\nAnswer:) or 'auto' "
+            "(chat where the model has a chat template)",
+        ),
+    ] = "auto",
 ) -> None:
     """Find facts the model gets wrong, patch them one by one, and show before and after."""
-    from .demo_facts import CONTROL_QUESTIONS, FACTS, question_prompt
+    from .demo_facts import CONTROL_QUESTIONS, FACTS
 
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    if form not in ("auto", "chat", "template"):
+        raise _fail(TPatcherError(f"--format must be auto, chat or template, not {form!r}"))
     try:
         patcher = _load(model, None, neuron_activation=neuron_activation)
         if patcher.task == "seq-cls":
             raise TPatcherError("the demo needs a generative model")
+        asker = _DemoAsker(patcher, form)
+        console.print(f"asking through the {asker.form} format")
         console.print(f"memory bank: building or loading ({patcher.config.memory_size} vectors)")
         with console.status("memory bank"):
             source = patcher.memory.source
         console.print(f"memory bank: {len(patcher.memory)} vectors from {source}")
-        controls = {q: patcher.generate(question_prompt(q), 12) for q in CONTROL_QUESTIONS}
+        controls = {q: asker.ask(q) for q in CONTROL_QUESTIONS}
         rows = []
         with Progress(console=console) as progress:
             task = progress.add_task("checking and patching facts", total=len(FACTS))
             for fact in FACTS:
-                prompt = question_prompt(fact.question)
-                before = patcher.generate(prompt, 12)
-                if len(rows) >= limit or not patcher.is_mistake(prompt, fact.answer):
+                if len(rows) >= limit or not asker.is_mistake(fact.question, fact.answer):
                     progress.advance(task)
                     continue
-                para_before = patcher.generate(question_prompt(fact.paraphrase), 12)
-                result = patcher.edit(prompt, fact.answer)
-                rows.append(
-                    (
-                        fact,
-                        before,
-                        patcher.generate(prompt, 12),
-                        para_before,
-                        patcher.generate(question_prompt(fact.paraphrase), 12),
-                        result,
-                    )
-                )
+                before = asker.ask(fact.question)
+                result = patcher.edit(asker.prompt(fact.question), fact.answer)
+                after = asker.ask(fact.question)
+                rows.append((fact, before, after, asker.ask(fact.paraphrase), result))
                 progress.advance(task)
     except (TPatcherError, OSError) as error:
         raise _fail(error) from error
-    _print_demo(rows, patcher, controls)
+    _print_demo(rows, asker, controls)
     if save_to is not None:
         patcher.save(save_to)
         console.print(f"patch saved to {save_to} ({len(patcher.edits)} edits)")
@@ -211,33 +254,31 @@ def _answered(answer: str, text: str) -> bool:
     return line.startswith(answer) and not line[len(answer) : len(answer) + 1].isalnum()
 
 
-def _print_demo(rows: list, patcher, controls: dict[str, str]) -> None:
-    from .demo_facts import question_prompt
-
+def _print_demo(rows: list, asker: _DemoAsker, controls: dict[str, str]) -> None:
     table = Table(title="Mistakes patched one after another", show_lines=True)
     for column in ("question", "target", "before", "after", "s/edit", "paraphrase after"):
         table.add_column(column, overflow="fold")
-    for fact, before, after, _para_before, para_after, result in rows:
-        ok = "[green]" if _answered(fact.answer, after) else "[red]"
-        para_ok = "[green]" if _answered(fact.answer, para_after) else "[yellow]"
+    for fact, before, after, para_after, result in rows:
+        ok = "[green]" if asker.answered(fact.answer, after) else "[red]"
+        para_ok = "[green]" if asker.answered(fact.answer, para_after) else "[yellow]"
         seconds = f"{result.seconds:.2f}" if result.success else "failed"
         table.add_row(
             fact.question,
             fact.answer,
-            _first_line(before),
-            ok + _first_line(after),
+            asker.shown(before),
+            ok + asker.shown(after),
             seconds,
-            para_ok + fact.paraphrase + " → " + _first_line(para_after),
+            para_ok + fact.paraphrase + " → " + asker.shown(para_after),
         )
     console.print(table)
-    fixed = sum(_answered(fact.answer, after) for fact, _, after, *_ in rows)
-    general = sum(_answered(fact.answer, para) for fact, _, _, _, para, _ in rows)
+    fixed = sum(asker.answered(fact.answer, after) for fact, _, after, *_ in rows)
+    general = sum(asker.answered(fact.answer, para) for fact, _, _, para, _ in rows)
     times = sorted(r.seconds for *_, r in rows if r.success)
     median = times[len(times) // 2] if times else float("nan")
     console.print(
-        f"{len(rows)} mistakes patched: {fixed} now start their answer with the target, "
+        f"{len(rows)} mistakes patched: {fixed} answers now give the target, "
         f"{general} paraphrases do; median {median:.2f} s per edit; "
-        f"{patcher.num_neurons} neurons added"
+        f"{asker.patcher.num_neurons} neurons added"
     )
     kept = 0
     check = Table(title="Unrelated questions (must answer as before)")
@@ -245,10 +286,10 @@ def _print_demo(rows: list, patcher, controls: dict[str, str]) -> None:
     check.add_column("answer before and after")
     check.add_column("same?")
     for question, before in controls.items():
-        after = patcher.generate(question_prompt(question), 12)
-        same = after == before
+        after = asker.ask(question)
+        same = asker.shown(after) == asker.shown(before)
         kept += same
-        check.add_row(question, _first_line(after), "[green]yes" if same else "[red]no")
+        check.add_row(question, asker.shown(after), "[green]yes" if same else "[red]no")
     console.print(check)
     console.print(f"{kept}/{len(controls)} unrelated answers unchanged")
 
@@ -262,14 +303,6 @@ def _register_optional_commands() -> None:
 
 
 _register_optional_commands()
-
-
-def main() -> None:  # pragma: no cover - console entry point
-    start = time.perf_counter()
-    try:
-        app()
-    finally:
-        logging.getLogger("tpatcher").debug("finished in %.1f s", time.perf_counter() - start)
 
 
 if __name__ == "__main__":  # pragma: no cover

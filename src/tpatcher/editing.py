@@ -8,6 +8,7 @@ frozen neurons that the caller verifies on the real model before anyone else see
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +19,7 @@ from .adapters import VocabRows
 from .config import PatcherConfig
 from .encoding import Example
 from .ffn_site import Capture, FFNSite
-from .layer import NewNeurons, PatchLayer
+from .layer import NeuronState, NewNeurons, PatchLayer
 from .training import LogitsFn, TrainOutcome, train_edit
 
 Progress = Callable[[int, dict[str, float]], None]
@@ -60,9 +61,11 @@ class EditRecord:
     memory: torch.Tensor = field(repr=False)
     steps: int = 0
     seconds: float = 0.0
+    also: tuple[str, ...] = ()  # other wordings of the prompt trained with it
 
     def to_manifest(self) -> dict[str, Any]:
-        return {
+        extra = {"also": list(self.also)} if self.also else {}
+        return extra | {
             "id": self.edit_id,
             "prompt": self.prompt,
             "target": self.target,
@@ -111,11 +114,22 @@ def _logits_fn(
     return full
 
 
+def _joint_logits_fn(fns: list[LogitsFn]) -> LogitsFn:
+    """The logits of several forms of one edit, stacked (positions of form 1, then 2, ...)."""
+    if len(fns) == 1:
+        return fns[0]
+
+    def joint(neurons: NewNeurons, rows: VocabRows | None) -> torch.Tensor:
+        return torch.cat([fn(neurons, rows) for fn in fns])
+
+    return joint
+
+
 def train_edit_neurons(
     site: FFNSite,
     layer: PatchLayer,
     config: PatcherConfig,
-    example: Example,
+    examples: list[Example],
     memory: torch.Tensor,
     *,
     seed: int,
@@ -125,18 +139,23 @@ def train_edit_neurons(
 ) -> TrainedNeurons:
     """Capture the edit with the current (thread-visible) patch and train new neurons.
 
-    One neuron per wrongly predicted target position, the first ``max_neurons_per_edit``
-    (one for a classifier), initialised on that position's FFN input.
+    ``examples`` are surface forms of one edit (the prompt first, then any rewordings that
+    must give the same target); they are trained jointly. One neuron per wrongly predicted
+    target position, the prompt's first, at most ``max_neurons_per_edit`` (one for a
+    classifier), initialised on that position's FFN input.
     """
-    cap = site.capture(example.inputs, example.positions)
-    q_all = cap.q_all.to(torch.promote_types(cap.q_all.dtype, torch.float32))
-    own = q_all[example.positions.to(q_all.device)] if site.task == "seq-cls" else q_all
-    wrong = wrong_positions(cap, example)
-    if len(wrong) == 0:
-        return TrainedNeurons(None, None, own.detach().cpu())
+    caps = [site.capture(e.inputs, e.positions) for e in examples]
+    own, sites = [], []
+    for cap, example in zip(caps, examples, strict=True):
+        q_all = cap.q_all.to(torch.promote_types(cap.q_all.dtype, torch.float32))
+        positions = example.positions.to(q_all.device)
+        own.append(q_all[positions] if site.task == "seq-cls" else q_all)
+        sites.append(q_all[positions[wrong_positions(cap, example).to(q_all.device)]])
+    memory_of_edit = torch.cat(own).detach().cpu()
     limit = 1 if site.task == "seq-cls" else config.max_neurons_per_edit
-    sites = example.positions[wrong[:limit]]
-    q_edit = q_all[sites.to(q_all.device)]
+    q_edit = torch.cat(sites)[:limit]
+    if len(q_edit) == 0:
+        return TrainedNeurons(None, None, memory_of_edit)
     neurons = NewNeurons(
         q_edit.cpu(),
         gated=site.gated,
@@ -145,19 +164,22 @@ def train_edit_neurons(
         amplifier_init=config.value_amplifier_init,
         generator=torch.Generator().manual_seed(seed),
     ).to(q_edit.device)
+    device = caps[0].logits.device
     outcome = train_edit(
         neurons,
-        _logits_fn(site, layer, config, example, cap),
-        example.targets.to(cap.logits.device),
+        _joint_logits_fn(
+            [_logits_fn(site, layer, config, e, c) for e, c in zip(examples, caps, strict=True)]
+        ),
+        torch.cat([e.targets.to(device) for e in examples]),
         q_edit,
         memory.to(device=q_edit.device, dtype=q_edit.dtype),
         config=config,
         beta=beta,
         memory_weight=memory_weight,
-        vocab_size=cap.logits.shape[-1],
+        vocab_size=caps[0].logits.shape[-1],
         progress=progress,
     )
-    return TrainedNeurons(neurons, outcome, own.detach().cpu())
+    return TrainedNeurons(neurons, outcome, memory_of_edit)
 
 
 def is_right(site: FFNSite, example: Example) -> bool:
@@ -165,3 +187,56 @@ def is_right(site: FFNSite, example: Example) -> bool:
     with torch.no_grad():
         logits = site.logits_at(site.run(example.inputs), example.positions)
     return bool((logits.argmax(-1).cpu() == example.targets).all())
+
+
+@dataclass
+class VerifiedEdit:
+    """A trained edit that the real model confirmed, ready to be kept (or a refusal)."""
+
+    result: EditResult
+    neurons: NeuronState | None = None
+    memory: torch.Tensor | None = None
+
+
+def make_edit(
+    site: FFNSite,
+    layer: PatchLayer,
+    config: PatcherConfig,
+    examples: list[Example],
+    memory: torch.Tensor,
+    *,
+    edit_id: str,
+    seed: int,
+    beta: float,
+    memory_weight: float,
+    progress: Progress | None = None,
+) -> VerifiedEdit:
+    """Train one edit on top of the state this thread sees and verify it on the real model
+    with the new neurons visible to this thread only."""
+    start = time.perf_counter()
+    trained = train_edit_neurons(
+        site, layer, config, examples, memory, seed=seed, beta=beta,
+        memory_weight=memory_weight, progress=progress,
+    )  # fmt: skip
+    if trained.neurons is None or trained.outcome is None:
+        message = "the model already gets this right"
+        seconds = time.perf_counter() - start
+        return VerifiedEdit(EditResult(None, True, 0, seconds, 0, {}, True, message))
+    outcome = trained.outcome
+    if not outcome.fixed:
+        message = f"not fixed within {config.max_steps} steps; no neurons kept"
+        return VerifiedEdit(_failed(outcome, start, message))
+    frozen = trained.neurons.frozen(edit_id, layer.dtype, layer.device)
+    with layer.private(layer.visible_state().concat(frozen)):
+        if not all(is_right(site, e) for e in examples):  # the real model must agree
+            message = "trained, but the full model still gets it wrong; no neurons kept"
+            return VerifiedEdit(_failed(outcome, start, message))
+    result = EditResult(
+        edit_id, True, outcome.steps, time.perf_counter() - start, frozen.size, outcome.losses
+    )
+    return VerifiedEdit(result, frozen, trained.memory)
+
+
+def _failed(outcome: TrainOutcome, start: float, message: str) -> EditResult:
+    seconds = time.perf_counter() - start
+    return EditResult(None, False, outcome.steps, seconds, 0, outcome.losses, message=message)

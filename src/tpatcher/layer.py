@@ -236,6 +236,11 @@ class PatchLayer:
         finally:
             self._local.override = previous
 
+    def visible_state(self) -> NeuronState:
+        """The committed state as forward passes of this thread see it."""
+        override = getattr(self._local, "override", None)
+        return override[0] if override is not None and override[0] is not None else self.state
+
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()

@@ -204,21 +204,23 @@ class PatchDirectory:
         remove_unlisted(self.path, keep)
 
     def append(
-        self, manifest: dict[str, Any], edit_id: str, tensors: dict[str, torch.Tensor]
-    ) -> str:
-        """Make one edit durable: its file, then the manifest (which must list it)."""
-        if edit_id not in {str(e["id"]) for e in manifest["edits"]}:
-            raise ValueError(f"the manifest does not list edit {edit_id}")
-        digest = write_edit(self.path, edit_id, tensors)
-        previous = self._sha.get(edit_id)
-        self._sha[edit_id] = digest
+        self, manifest: dict[str, Any], tensors: dict[str, dict[str, torch.Tensor]]
+    ) -> dict[str, str]:
+        """Make edits durable together: their files, then one manifest that lists them all
+        (the commit point: all of them or none). Returns each file's SHA-256."""
+        listed = {str(e["id"]) for e in manifest["edits"]}
+        missing = sorted(set(tensors) - listed)
+        if missing:
+            raise ValueError(f"the manifest does not list edit {missing[0]}")
+        previous = dict(self._sha)
         try:
+            digests = {i: write_edit(self.path, i, t) for i, t in tensors.items()}
+            self._sha.update(digests)
             write_manifest(self.path, self._with_sha(manifest))
         except BaseException:
-            if previous is None:
-                self._sha.pop(edit_id, None)
+            self._sha = previous
             raise
-        return digest
+        return digests
 
     def remove(self, manifest: dict[str, Any], edit_id: str) -> None:
         """Remove one edit durably: the manifest without it first, then its file."""
