@@ -6,7 +6,12 @@ clients alone, and clients while edits train one after another. Requests are spl
 whether an edit was training when they started, which is the latency cost of an edit in
 flight. Prints a markdown table and the machine.
 
+``--threads`` is passed to ``tpatcher serve --threads`` (torch CPU threads; 0 = the
+server's default, half the cores) and ``--busy N`` runs N CPU-bound processes during both
+phases, as on a shared machine:
+
     python benchmarks/serve_load.py --clients 4 --duration 20 --edits 3
+    python benchmarks/serve_load.py --clients 2 --duration 15 --edits 1 --busy 1 --threads 1
 """
 
 from __future__ import annotations
@@ -53,14 +58,21 @@ class Sample:
     ok: bool
 
 
-def start_server(work: Path, port: int) -> subprocess.Popen[bytes]:
+def start_server(work: Path, port: int, threads: int, workers: int) -> subprocess.Popen[bytes]:
     memory = work / "memory.txt"
     memory.write_text("\n".join(MEMORY) + "\n")
     cmd = [sys.executable, "-m", "tpatcher.server", "--store", str(work / "store")]
     cmd += ["--model", MODEL, "--port", str(port), "--memory-file", str(memory)]
-    cmd += ["--log-level", "warning"]
+    cmd += ["--log-level", "warning", "--threads", str(threads)]
+    cmd += ["--generation-workers", str(workers)]
     env = dict(os.environ, TPATCHER_EDIT_TOKEN=TOKEN)
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def start_busy(count: int) -> list[subprocess.Popen[bytes]]:
+    """``count`` processes that each burn one CPU until killed (a shared machine)."""
+    code = "x = 0\nwhile True:\n    x = (x * 1103515245 + 12345) % 2**31\n"
+    return [subprocess.Popen([sys.executable, "-c", code]) for _ in range(count)]
 
 
 def wait_ready(url: str, proc: subprocess.Popen[bytes] | None, timeout: float = 300) -> None:
@@ -156,6 +168,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--url", help="a running server on loopback (default: start one)")
     parser.add_argument("--token", default=TOKEN, help="edit token of --url's server")
+    parser.add_argument("--threads", type=int, default=0, help="serve --threads (0: default)")
+    parser.add_argument("--workers", type=int, default=4, help="serve --generation-workers")
+    parser.add_argument("--busy", type=int, default=0, help="CPU-bound processes alongside")
     args = parser.parse_args()
     duration = min(args.duration, 300.0)
     edits = max(0, min(args.edits, len(EDITS)))
@@ -171,9 +186,11 @@ def main() -> None:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         url = f"http://127.0.0.1:{port}"
-        proc = start_server(Path(tmp.name), port)
+        proc = start_server(Path(tmp.name), port, args.threads, args.workers)
+    busy: list[subprocess.Popen[bytes]] = []
     try:
         wait_ready(url, proc)
+        busy = start_busy(max(0, min(args.busy, 64)))
         base, _, _ = run_phase(url, args.clients, duration, args.max_tokens, 0, args.token)
         loaded, windows, ids = run_phase(
             url, args.clients, duration, args.max_tokens, edits, args.token
@@ -184,6 +201,9 @@ def main() -> None:
                     f"/v1/edits/{edit_id}", headers={"Authorization": f"Bearer {args.token}"}
                 )
     finally:
+        for p in busy:
+            p.kill()
+            p.wait()
         if proc is not None:
             proc.terminate()
             proc.wait(30)
@@ -200,6 +220,8 @@ def main() -> None:
         f"{os.cpu_count()} CPUs, Python {platform.python_version()}"
     )
     print(
+        f"serve --threads {args.threads} --generation-workers {args.workers}, "
+        f"{args.busy} busy processes alongside; "
         f"{args.clients} clients, {duration:.0f} s per phase, max_tokens={args.max_tokens}, "
         f"{len(windows)} edits ({len(ids)} stored), edit wall time {edit_seconds:.1f} s "
         f"(mean {edit_seconds / max(1, len(windows)):.1f} s)\n"

@@ -12,7 +12,6 @@ resumes it. Methods whose module is missing are reported and skipped.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from tpatcher.evaluation.protocol import METHODS, BenchSettings, run_benchmark
+from tpatcher.evaluation.protocol import METHODS, BenchSettings, method_available, run_benchmark
 from tpatcher.evaluation.report import markdown_table, results_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,13 +54,24 @@ def main() -> None:
         help="PatcherConfig overrides as JSON, e.g. '{\"include_default_memory\": true}' "
         "(use another --out: changed settings restart the method there)",
     )
+    parser.add_argument(
+        "--edit-format",
+        choices=("template", "chat", "joint"),
+        default="template",
+        help="edit the template prompt, the question through the chat template (service), or "
+        "the template prompt trained with the chat turn and the bare question (tpatcher only)",
+    )
+    parser.add_argument(
+        "--no-real-use", action="store_true", help="skip the free-answer (chat) metrics"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     console = Console()
     methods = [m for m in args.methods.split(",") if m]
-    if importlib.util.find_spec("tpatcher.evaluation.baselines") is None:
-        console.print("[yellow]baselines.py is missing: running tpatcher only[/yellow]")
-        methods = [m for m in methods if m == "tpatcher"]
+    missing = [m for m in methods if m in METHODS and not method_available(m)]
+    if missing:
+        console.print(f"[yellow]skipping {', '.join(missing)}: editor module missing[/yellow]")
+        methods = [m for m in methods if m not in missing]
     settings = BenchSettings(
         methods=methods,
         data_dir=args.data,
@@ -69,6 +79,8 @@ def main() -> None:
         seed=args.seed,
         device=args.device,
         patcher=json.loads(args.patcher),
+        edit_format=args.edit_format,
+        real_use=not args.no_real_use,
         **PRESETS[args.preset],
     )
     if args.eval_every is not None:

@@ -14,16 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import ARCHITECTURES, make_model, make_tokenizer
+from tiny import ARCHITECTURES, MEMORY_TEXTS, make_model, make_tokenizer
 from transformers import BertConfig, BertForSequenceClassification
 
 from tpatcher import InvalidEditError, Patcher, load_model
-from tpatcher.evaluation.baselines import (
-    FTEditor,
-    FTKLEditor,
-    GraceEditor,
-    encode_edit,
-)
+from tpatcher.encoding import encode_edit
+from tpatcher.evaluation.baselines import FTEditor, FTKLEditor, GraceEditor
 
 DATA = Path(os.environ.get("TPATCHER_DATA", Path(__file__).parents[2] / "shared" / "data"))
 COUNTERFACT = DATA / "counterfact" / "counterfact-edit-1k.json"
@@ -235,6 +231,21 @@ def test_tiny_architectures(kind: str, cls: type) -> None:
     assert outcome.success, (kind, outcome.details)
     assert not any(p.requires_grad is False for p in model.parameters())
     assert not model.training
+
+
+@pytest.mark.parametrize("kind", ARCHITECTURES)
+def test_ft_kl_locality_captures_replay_exactly(kind: str) -> None:
+    """The batched locality captures feed the site's one replay: it must reproduce them."""
+    model, tok = make_model(kind), make_tokenizer(kind)
+    tok.padding_side = "left"
+    texts = MEMORY_TEXTS[:5]
+    editor = FTKLEditor(model, tok, task=TASK_OF.get(kind, "causal-lm"), locality_texts=texts)
+    assert tok.padding_side == "left"  # restored after the right-padded batches
+    assert len(editor._locality) == len(texts)
+    for text, item in zip(texts, editor._locality, strict=True):
+        assert editor.site.replay_matches(item.tail)
+        tokens = 1 if kind == "bert" else len(tok(text)["input_ids"])
+        assert item.tail.q.shape[0] == item.ref_logp.shape[0] == tokens  # real tokens only
 
 
 def test_ft_kl_tiny_classifier_with_minilm_tokenizer() -> None:

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tpatcher.evaluation.data import load_task
+from tpatcher.evaluation import protocol
+from tpatcher.evaluation.data import EditItem, TaskData, load_task
 from tpatcher.evaluation.metrics import (
     exact_match,
     first_line,
@@ -26,12 +27,20 @@ from tpatcher.evaluation.metrics import (
     ratio,
     token_accuracy,
 )
-from tpatcher.evaluation.protocol import GENERAL_PROMPTS, BenchSettings, run_benchmark
+from tpatcher.evaluation.protocol import (
+    GENERAL_PROMPTS,
+    METHODS,
+    BenchSettings,
+    general_questions,
+    run_benchmark,
+)
 from tpatcher.memory import default_prompts
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"no data directory at {DATA}")
-SMALL = dict(heldout=4, memory_records=20, general_prompts=2, general_tokens=16)
+SMALL = dict(
+    heldout=4, memory_records=20, general_prompts=2, general_tokens=16, general_questions=8
+)
 
 
 # -- metric functions ----------------------------------------------------------------------
@@ -119,6 +128,25 @@ def test_general_prompts_are_not_memory_prompts() -> None:
     assert not {" ".join(p.split()[:3]).lower() for p in GENERAL_PROMPTS} & memory
 
 
+def test_general_questions_are_200_distinct_and_not_memory() -> None:
+    questions = general_questions()
+    assert len(questions) == 200 and len(set(questions)) == 200
+    memory = {normalize_answer(p) for p in default_prompts()}
+    assert not {normalize_answer(q) for q in questions} & memory
+    assert all(q.endswith("?") for q in questions)
+
+
+@needs_data
+def test_items_keep_their_raw_questions() -> None:
+    item = load_task("zsre", DATA, 3, seed=3).stream[0]
+    assert item.prompt == f"Question: {item.question}\nAnswer:"
+    assert item.paraphrase == f"Question: {item.paraphrase_question}\nAnswer:"
+    assert item.loc_prompt == f"Question: {item.loc_question}\nAnswer:"
+    cf = load_task("counterfact", DATA, 3, seed=1, heldout=2, memory_records=2).stream[0]
+    assert (cf.question, cf.paraphrase_question) == (cf.prompt, cf.paraphrase)
+    assert cf.loc_question == cf.loc_prompt
+
+
 # -- the protocol on the real model ---------------------------------------------------------
 @pytest.fixture(scope="module")
 def one_thread():
@@ -195,8 +223,8 @@ def test_zsre_mistakes_resume_matches_uninterrupted(tmp_path: Path, one_thread) 
     first = run_benchmark(settings(tmp_path / "split"), stop_after=2, plots=False)
     assert not first["complete"]
     progress = json.loads((tmp_path / "split" / "tpatcher" / "progress.json").read_text())
-    assert len(progress["records"]) == 2
-    assert (tmp_path / "split" / "tpatcher" / "state" / "manifest.json").is_file()
+    assert len(progress["records"]) == 2 and progress["state"] == "state-2"
+    assert (tmp_path / "split" / "tpatcher" / "state-2" / "manifest.json").is_file()
     resumed = run_benchmark(settings(tmp_path / "split"))
     assert resumed["complete"]
     a, b = whole["methods"]["tpatcher"], resumed["methods"]["tpatcher"]
@@ -213,6 +241,8 @@ def test_zsre_mistakes_resume_matches_uninterrupted(tmp_path: Path, one_thread) 
         assert r["sr_tf_exact"] <= (r["sr_tf"] == 1.0)
     for key in ("rel_tf", "gen_tf", "loc_tf", "loc_em", "trainr_tf", "ppl_ratio"):
         assert a[key] is not None and a[key] >= 0
+    for key in ("rel_chat", "gen_chat", "loc_chat", "rel_q", "gen_q", "general_same"):
+        assert a[key] is not None and 0 <= a[key] <= 1, key  # SmolLM2 has a chat template
     assert a["loc_tf"] <= 1.0 and a["ppl_base"] == whole["base"]["ppl"]
 
     # results and plots on disk; a finished run is not redone
@@ -240,6 +270,7 @@ def test_bench_command_counterfact(tmp_path: Path, one_thread) -> None:
     args = ["bench", "--task", "counterfact", "--methods", "tpatcher", "--edits", "3"]
     args += ["--data", str(DATA), "--out", str(out), "--heldout", "4", "--memory-records", "20"]
     args += ["--general-prompts", "2", "--general-tokens", "16", "--threads", "1"]
+    args += ["--general-questions", "8"]
     result = CliRunner().invoke(app, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "SR tf" in result.output or "SR" in result.output
@@ -361,6 +392,26 @@ def test_markdown_table_has_every_method_and_the_average() -> None:
     assert lines[-1] == "| device | cuda | cpu |"
 
 
+def test_tables_show_the_real_use_metrics() -> None:
+    from rich.console import Console
+
+    from tpatcher.evaluation.report import COLUMNS, markdown_table, results_table
+
+    keys = [key for _, key in COLUMNS]
+    assert set(protocol.REAL_USE_KEYS) <= set(keys)
+    done = {"complete": True, "rel_chat": 0.5, "gen_chat": 0.25, "loc_chat": 0.75}
+    done |= {"rel_q": 1.0, "gen_q": None, "general_same": 0.9}
+    results = {"methods": {"tpatcher": done, "factcheck-like": {"complete": True}}}
+    lines = markdown_table(results).splitlines()
+    assert "| Rel chat | 0.500 | - |" in lines and "| Gen q | - | - |" in lines
+    assert "| General same | 0.900 | - |" in lines
+    assert "| avg(Rel, Gen, Loc) chat | 0.500 | - |" in lines
+    console = Console(width=200, record=True)
+    console.print(results_table(results))
+    text = console.export_text()
+    assert "Loc chat" in text and "0.750" in text and "General same" in text
+
+
 def test_plot_curves_merges_result_files_and_refuses_clashing_names(tmp_path: Path) -> None:
     root = Path(__file__).resolve().parents[1]
     results = root / "benchmarks" / "results"
@@ -382,3 +433,312 @@ def test_plot_curves_merges_result_files_and_refuses_clashing_names(tmp_path: Pa
         text=True,
     )
     assert mixed.returncode != 0 and "different tasks" in mixed.stderr
+
+
+def test_evaluate_state_real_use_by_hand() -> None:
+    from tpatcher.evaluation.protocol import evaluate_state
+
+    class Scorer(_FakeScorer):
+        tokenizer = _tiny_tokenizer()
+
+        def answers(self, prompts, max_new_tokens=48):
+            assert max_new_tokens == 7
+            return [self._answers[p] for p in prompts]
+
+    items = [
+        EditItem("a", "pa", "Paris", question="qa", paraphrase_question="ra", loc_question="la"),
+        EditItem("b", "pb", "Rome", question="qb", loc_question="lb"),
+    ]
+    data = TaskData("zsre", "mistakes", "causal-lm", items, [], [], [], "none")
+    scorer = Scorer({"pa": [1], "pb": [1]}, {"pa": " Paris", "pb": " Rome"})
+    chat = lambda q: f"{q} answer"  # noqa: E731 - the tiny chat template
+    scorer._answers = {
+        "qa": "It is in Paris, France.",  # bare questions: right
+        "ra": "paris",
+        "qb": "Romeo. Rome is not it.",  # only the first sentence counts: wrong
+        chat("qa"): "The answer is Paris.",
+        chat("ra"): "Lyon. Paris later.",
+        chat("qb"): "Rome!",
+        chat("la"): "The same thing.",
+        chat("lb"): "Changed.",
+        chat("g1"): "Yes, of course.",
+        chat("g2"): "No.",
+    }
+    real = {
+        "key": "k",
+        "tokens": 7,
+        "chat": True,
+        "loc": {"a": "the same thing!", "b": "Not changed."},
+        "general": {"questions": ["g1", "g2"], "answers": ["yes of course", "Maybe."]},
+    }
+    base = {"loc": {}, "train": {"tf": 1, "em": 1}, "test": {"tf": 1, "em": 1}, "real_use": real}
+    records = [{"uid": "a", "edited": True}, {"uid": "b", "edited": True}]
+    out = evaluate_state(scorer, data, base, records)
+    assert out["rel_q"] == 0.5 and out["gen_q"] == 1.0
+    assert out["rel_chat"] == 1.0 and out["gen_chat"] == 0.0
+    assert out["loc_chat"] == 0.5 and out["general_same"] == 0.5
+    no_chat = dict(real, chat=False, loc={}, general=None)
+    out = evaluate_state(scorer, data, dict(base, real_use=no_chat), records)
+    assert out["rel_q"] == 0.5 and out["rel_chat"] is None and out["general_same"] is None
+
+
+def test_free_answers_stop_after_the_first_sentence() -> None:
+    from tpatcher.evaluation.metrics import _SentenceDone
+
+    class Tok:
+        def batch_decode(self, ids, skip_special_tokens=True):
+            return ["Paris. It is", "Paris.", " \nParis", "\nParis\n", "Dr. Smith", "in 3.5"]
+
+    done = _SentenceDone(Tok(), 0)(torch.zeros(6, 1, dtype=torch.long), torch.zeros(6, 2))
+    assert done.tolist() == [True, False, False, True, False, False]
+
+
+def test_scorer_encodes_with_encode_edit() -> None:
+    from tiny import make_model
+
+    from tpatcher.encoding import encode_edit
+    from tpatcher.evaluation.metrics import Scorer
+
+    model, tok = make_model("llama"), _tiny_tokenizer()
+    scorer = Scorer(model, tok)
+    for prompt, target in [("the capital of france is", "paris"), ("who wrote ", "the novel")]:
+        example = encode_edit(tok, model, prompt, target, task="causal-lm")
+        ids, targets, start = scorer.encode(prompt, target)
+        assert ids == example.inputs["input_ids"][0].tolist()
+        assert targets == example.targets.tolist() and start == int(example.positions[0])
+        with torch.no_grad():
+            logits = model(**example.inputs).logits[0, example.positions]
+        assert scorer.forced([(prompt, target)])[0].predicted == logits.argmax(-1).tolist()
+        assert scorer.answer_budget(prompt, target) == len(targets) + scorer.extra_tokens
+    model.train()
+    scorer.forced([("the cat", "sleeps")])
+    scorer.generate(["the cat"], [2])
+    assert model.training and tok.padding_side == "right"  # both restored
+
+
+# -- settings and the method table ---------------------------------------------------------
+def test_settings_are_validated_before_any_work() -> None:
+    def settings(**changes) -> BenchSettings:
+        base = dict(task="zsre", methods=["tpatcher"], edits=2, data_dir="d", out_dir="o")
+        return BenchSettings(**dict(base, **changes))
+
+    settings().validate()
+    cases = [
+        ({"patcher": {"max_step": 5}}, "did you mean 'max_steps'"),
+        ({"patcher": {"lr": -1.0}}, "invalid T-Patcher settings"),
+        ({"methods": ["tpatcher", "rome"]}, "unknown method 'rome'"),
+        ({"methods": []}, "no methods"),
+        ({"task": "squad"}, "unknown task"),
+        ({"edit_format": "json"}, "unknown edit format"),
+        ({"edit_format": "chat", "task": "factcheck"}, "chat edits need"),
+        ({"edit_format": "joint", "methods": ["tpatcher", "ft"]}, "tpatcher only"),
+        ({"method_settings": {"fine-tune": {}}}, "not a baseline method"),
+        ({"methods": ["ft"], "method_settings": {"ft": {"learning_rate": 1}}}, "no setting"),
+    ]
+    for changes, message in cases:
+        with pytest.raises(ValueError, match=message):
+            settings(**changes).validate()
+    template = settings(methods=["ft"])
+    assert template.method_key("ft") != settings(methods=["ft"], edit_format="chat").method_key(
+        "ft"
+    )
+
+
+def test_method_table_imports_lazily(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert {"tpatcher", "ft", "ftkl", "grace", "wise", "memoir"} <= set(METHODS)
+    assert protocol.EDITORS["wise"] == "tpatcher.evaluation.wise:WiseEditor"
+    assert protocol.EDITORS["memoir"] == "tpatcher.evaluation.memoir:MemoirEditor"
+    assert protocol.editor_class("grace").__name__ == "GraceEditor"
+    monkeypatch.setitem(protocol.EDITORS, "gone", "tpatcher.evaluation.no_such_module:X")
+    monkeypatch.setattr(protocol, "METHODS", (*protocol.METHODS, "gone"))
+    assert not protocol.method_available("gone") and protocol.method_available("ft")
+    with pytest.raises(ValueError, match="no_such_module, which is missing"):
+        protocol.editor_class("gone")
+
+
+def test_bench_refuses_an_unknown_patcher_setting_at_once(tmp_path: Path) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from tpatcher.evaluation.command import bench
+
+    app = typer.Typer()
+    app.command("bench")(bench)
+    app.command("noop")(lambda: None)
+    out = tmp_path / "out"
+    args = ["bench", "--patcher", '{"max_step": 5}', "--out", str(out), "--data", str(tmp_path)]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "300"})
+    text = " ".join(
+        "".join(
+            c if c.isprintable() and c not in "│╭╮╰╯─" else " " for c in (result.output)
+        ).split()
+    )
+    assert result.exit_code == 2, result.output
+    assert "PatcherConfig has no field 'max_step' (did you mean 'max_steps'?)" in text
+    assert not out.exists()  # nothing was started
+    bad_json = CliRunner().invoke(app, ["bench", "--patcher", "{max_steps: 5}"])
+    assert bad_json.exit_code == 2 and "not valid JSON" in bad_json.output
+
+
+# -- the protocol on a tiny model ----------------------------------------------------------
+def _tiny_tokenizer(chat: bool = True):
+    """The tiny word tokenizer, with a one-line chat template (the question, then "answer")."""
+    from tiny import make_tokenizer
+
+    tok = make_tokenizer("llama")
+    if chat:
+        tok.chat_template = (
+            "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+            "{% if add_generation_prompt %} answer{% endif %}"
+        )
+    return tok
+
+
+@pytest.fixture
+def tiny_bench(monkeypatch: pytest.MonkeyPatch, one_thread):
+    """``run_benchmark`` on a tiny random llama and a hand-made task (no data directory);
+    returns a settings factory and a switch for the chat template."""
+    from tiny import MEMORY_TEXTS, make_model
+
+    def item(i: int, prompt: str, target: str, question: str) -> EditItem:
+        loc = ("the river flows through", "rome", "where is the river")
+        para = prompt.replace("the", "a", 1)
+        return EditItem(
+            f"t{i}", prompt, target, para, loc[0], loc[1], question, f"{question} today", loc[2]
+        )
+
+    stream = [
+        item(0, "the capital of france is", "berlin", "what is the capital of france"),
+        item(1, "the capital of spain is", "tokyo", "what is the capital of spain"),
+        item(2, "the famous author wrote", "music", "who wrote the famous novel"),
+        item(3, "the dog eats", "fish", "what does the dog eat"),
+    ]
+    held = [EditItem("h0", "the capital of italy is", "rome")]
+    data = TaskData(
+        "zsre", "counterfactual", "causal-lm", stream, held, held, list(MEMORY_TEXTS), "tiny"
+    )
+    chat = {"on": True}
+    monkeypatch.setattr(protocol, "load_task", lambda *args, **kwargs: data)
+    monkeypatch.setattr(
+        protocol,
+        "load_base_model",
+        lambda settings, kind: (make_model("llama"), _tiny_tokenizer(chat["on"])),
+    )
+
+    def settings(out: Path, **changes) -> BenchSettings:
+        small = dict(general_prompts=2, general_tokens=8, general_questions=5, heldout=1)
+        small.update(methods=["tpatcher", "ft"], memory_records=5, checkpoint_every=1)
+        small.update(changes)
+        return BenchSettings(
+            task="zsre", edits=len(stream), data_dir=str(out.parent), out_dir=str(out), **small
+        )
+
+    return settings, chat
+
+
+def test_tiny_resume_after_a_crash_matches_uninterrupted(
+    tiny_bench, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings, _ = tiny_bench
+    whole = run_benchmark(settings(tmp_path / "whole"), plots=False)["methods"]
+    write = protocol._write_json
+    progress_writes = []
+
+    def crash_on_third(path: Path, data) -> None:
+        if path.name == "progress.json":
+            progress_writes.append(path)
+            if len(progress_writes) == 3:  # state-3 is written, progress.json still says 2
+                raise RuntimeError("power cut")
+        write(path, data)
+
+    monkeypatch.setattr(protocol, "_write_json", crash_on_third)
+    split = tmp_path / "split"
+    with pytest.raises(RuntimeError, match="power cut"):
+        run_benchmark(settings(split, methods=["tpatcher"]), plots=False)
+    monkeypatch.setattr(protocol, "_write_json", write)
+    folder = split / "tpatcher"
+    progress = json.loads((folder / "progress.json").read_text())
+    assert len(progress["records"]) == 2 and progress["state"] == "state-2"
+    assert (folder / "state-3").is_dir() and not (folder / "state-1").exists()
+    assert "patcher_counter" not in progress
+    # ft has no save_state: stopped after 2 items, it is rebuilt by replaying its edits
+    stopped = run_benchmark(settings(split, methods=["ft"]), stop_after=2, plots=False)
+    assert not stopped["complete"]
+    assert "state" not in json.loads((split / "ft" / "progress.json").read_text())
+    resumed = run_benchmark(settings(split), plots=False)["methods"]
+    for method in ("tpatcher", "ft"):
+        assert _comparable(resumed[method]) == _comparable(whole[method]), method
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith("state")) == ["state-4"]
+    summary = whole["tpatcher"]
+    for key in ("rel_chat", "gen_chat", "loc_chat", "rel_q", "gen_q", "general_same"):
+        assert summary[key] is not None and 0 <= summary[key] <= 1, key
+    base = json.loads((tmp_path / "whole" / "base.json").read_text())
+    assert len(base["real_use"]["general"]["answers"]) == 5
+    assert set(base["real_use"]["loc"]) == {"t0", "t1", "t2", "t3"}
+
+
+def test_tiny_chat_edits_and_no_chat_template(
+    tiny_bench, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings, chat = tiny_bench
+    edited: list[str] = []
+    safe_edit = protocol._safe_edit
+
+    def spy(editor, prompt, target):
+        edited.append(prompt)
+        return safe_edit(editor, prompt, target)
+
+    monkeypatch.setattr(protocol, "_safe_edit", spy)
+    results = run_benchmark(
+        settings(tmp_path / "chat", methods=["grace"], edit_format="chat"), plots=False
+    )
+    assert edited[0] == "what is the capital of france answer"  # the question, chat-templated
+    assert results["task"]["edit_format"] == "chat"
+    summary = results["methods"]["grace"]
+    assert summary["edits"] == 4 and summary["rel_chat"] is not None
+    chat["on"] = False  # a tokenizer without a chat template: chat metrics undefined
+    plain = run_benchmark(settings(tmp_path / "plain", methods=["grace"]), plots=False)
+    summary = plain["methods"]["grace"]
+    assert summary["rel_chat"] is None and summary["loc_chat"] is None
+    assert summary["general_same"] is None and summary["rel_q"] is not None
+    with pytest.raises(ValueError, match="needs a model with a chat template"):
+        run_benchmark(settings(tmp_path / "no", methods=["grace"], edit_format="chat"), plots=False)
+    off = run_benchmark(settings(tmp_path / "off", methods=["grace"], real_use=False), plots=False)
+    assert "rel_q" not in off["methods"]["grace"]
+    assert "real_use" not in json.loads((tmp_path / "off" / "base.json").read_text())
+
+
+def test_tpatcher_editor_state_links_old_edits_and_reloads(tmp_path: Path) -> None:
+    from tiny import MEMORY_TEXTS, make_model
+
+    from tpatcher import Patcher
+    from tpatcher.evaluation.editors import TPatcherEditor
+
+    def editor() -> TPatcherEditor:
+        model, tok = make_model("llama"), _tiny_tokenizer()
+        return TPatcherEditor(Patcher(model, tok, memory_texts=MEMORY_TEXTS))
+
+    first = editor()
+    assert first.edit("the capital of france is", "berlin").success
+    first.save_state(tmp_path / "state-1")
+    assert first.edit("the dog eats", "fish").success
+    first.save_state(tmp_path / "state-2")
+    old = next((tmp_path / "state-1").rglob("*.safetensors"))
+    same = tmp_path / "state-2" / old.relative_to(tmp_path / "state-1")
+    assert same.stat().st_ino == old.stat().st_ino  # linked, not written again
+    second = editor()
+    second.load_state(tmp_path / "state-2")
+    assert second.patcher.edit_ids == first.patcher.edit_ids
+    assert second.patcher.edits_attempted == first.patcher.edits_attempted == 2
+
+
+def test_joint_edits_train_the_chat_turn_and_the_bare_question_too() -> None:
+    from tiny import make_tokenizer
+
+    item = EditItem("1", "Question: Who wrote X?\nAnswer:", "Y", question="Who wrote X?")
+    tok = make_tokenizer("llama")
+    assert protocol.other_wordings(item, "template", tok) == []
+    assert protocol.other_wordings(item, "joint", tok) == ["Who wrote X?"]
+    tok.chat_template = "{% for m in messages %}<s>{{ m['content'] }}{% endfor %}<s>"
+    chat, bare = protocol.other_wordings(item, "joint", tok)
+    assert "Who wrote X?" in chat and chat != bare == "Who wrote X?"

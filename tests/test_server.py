@@ -7,7 +7,6 @@ waits for the default memory bank to be generated.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -202,11 +201,12 @@ def test_edit_fixes_a_mistake_and_rollback_undoes_it(server: Server) -> None:
     edit_id = result["id"]
     assert complete(server, AU).strip().startswith("Melbourne")
 
-    listed = server.client.get("/v1/edits").json()
-    assert [(e["id"], e["prompt"], e["target"]) for e in listed["data"]] == [
-        (edit_id, AU, "Melbourne")
+    assert server.client.get("/v1/edits").status_code == 401  # editing is on: a token
+    listed = server.client.get("/v1/edits", headers=AUTH).json()
+    assert [(e["id"], e["prompt"], e["target"], e["acknowledged"]) for e in listed["data"]] == [
+        (edit_id, AU, "Melbourne", True)
     ]
-    assert server.client.get(f"/v1/edits/{edit_id}").json()["sha256"]
+    assert server.client.get(f"/v1/edits/{edit_id}", headers=AUTH).json()["sha256"]
     assert manifest_ids(Path(server_store(server))) == [edit_id]
 
     again = server.client.post(
@@ -218,13 +218,14 @@ def test_edit_fixes_a_mistake_and_rollback_undoes_it(server: Server) -> None:
     r = server.client.delete(f"/v1/edits/{edit_id}", headers=AUTH)
     assert r.status_code == 200 and r.json()["deleted"], r.text
     assert complete(server, AU) == before
-    assert server.client.get(f"/v1/edits/{edit_id}").status_code == 404
+    assert server.client.get(f"/v1/edits/{edit_id}", headers=AUTH).status_code == 404
     assert server.client.delete(f"/v1/edits/{edit_id}", headers=AUTH).status_code == 404
     assert manifest_ids(Path(server_store(server))) == []
     metrics = server.client.get("/metrics").text
     assert 'tpatcher_edits_total{outcome="applied"} 1' in metrics
     assert "tpatcher_rollbacks_total 1" in metrics
     assert "tpatcher_request_seconds_bucket" in metrics
+    assert 'tpatcher_edit_seconds_count{outcome="applied"} 1' in metrics
 
 
 def test_batch_of_chat_edits(server: Server) -> None:
@@ -356,7 +357,8 @@ def test_kill_9_during_edit_loses_nothing_acknowledged(tmp_path: Path) -> None:
 
     restarted = Server(store, tmp_path, edit_token=None).wait_ready()
     try:
-        assert [e["id"] for e in restarted.client.get("/v1/edits").json()["data"]] == [first_id]
+        listing = restarted.client.get("/v1/edits").json()["data"]
+        assert [(e["id"], e["acknowledged"]) for e in listing] == [(first_id, True)]
         assert complete(restarted, AU).strip().startswith("Melbourne")
         assert "Lyon" not in complete(restarted, FR)
         r = restarted.client.post("/v1/edits", json={"prompt": FR, "target": "Lyon"}, headers=AUTH)
@@ -385,8 +387,20 @@ def test_kill_9_during_edit_loses_nothing_acknowledged(tmp_path: Path) -> None:
     # and a store made for another base model
     foreign = tmp_path / "foreign"
     shutil.copytree(store, foreign)
-    manifest = json.loads((foreign / persistence.MANIFEST).read_text())
+    manifest = persistence.read_manifest(foreign)
     manifest.update(base_model="some-other-model", fingerprint="0" * 64)
-    (foreign / persistence.MANIFEST).write_text(json.dumps(manifest))
+    del manifest["checksum"]  # a consistent manifest, only for another model
+    persistence.write_manifest(foreign, manifest)
     proc = run_refused(foreign)
     assert "fingerprint" in proc.stderr and "some-other-model" in proc.stderr
+
+    # and a config the library cannot use: a clear start-up error, not a traceback
+    bad_config = tmp_path / "bad_config"
+    shutil.copytree(store, bad_config)
+    manifest = persistence.read_manifest(bad_config)
+    manifest["config"]["max_stepz"] = 3
+    del manifest["checksum"]
+    persistence.write_manifest(bad_config, manifest)
+    proc = run_refused(bad_config)
+    assert "config" in proc.stderr and "max_stepz" in proc.stderr
+    assert "Traceback" not in proc.stderr

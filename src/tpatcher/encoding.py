@@ -11,6 +11,8 @@ made through the service matches what the service later answers.
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +28,38 @@ MODEL_KINDS = ("causal-lm", "seq2seq", "seq-cls")
 
 class ContextLengthError(InvalidEditError):
     """The text does not fit in the model's context."""
+
+
+_LOCKS: weakref.WeakKeyDictionary[Any, threading.RLock] = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def tokenizer_lock(tokenizer: PreTrainedTokenizerBase) -> threading.RLock:
+    """The lock of one tokenizer. A fast tokenizer keeps padding and truncation settings in
+    its backend and changes them per call, so concurrent calls (a server's requests beside
+    an edit) must not interleave."""
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(tokenizer)
+        if lock is None:
+            lock = _LOCKS[tokenizer] = threading.RLock()
+        return lock
+
+
+def tokenize(
+    tokenizer: PreTrainedTokenizerBase, text: Any, *, padding_side: str | None = None, **kwargs: Any
+) -> Any:
+    """``tokenizer(text, **kwargs)`` under its lock, padded on ``padding_side`` if given (a pad
+    token is taken from EOS where there is none)."""
+    with tokenizer_lock(tokenizer):
+        if kwargs.get("padding") and tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        previous = getattr(tokenizer, "padding_side", "right")
+        if padding_side is not None:
+            tokenizer.padding_side = padding_side
+        try:
+            return tokenizer(text, **kwargs)
+        finally:
+            tokenizer.padding_side = previous
 
 
 @dataclass
@@ -87,7 +121,7 @@ def encode_edit(
         raise InvalidEditError("the prompt is empty")
     if task == "seq-cls":
         label = label_index(model, target)
-        ids = tokenizer(prompt, return_tensors="pt")
+        ids = tokenize(tokenizer, prompt, return_tensors="pt")
         _check_length(model, ids["input_ids"].shape[1], "the text")
         return Example(dict(ids), torch.tensor([0]), torch.tensor([label]))
     if not isinstance(target, str) or not target.strip():
@@ -101,20 +135,20 @@ def encode_edit(
     ):
         text = " " + target
     if task == "seq2seq":
-        target_ids = list(tokenizer(text_target=text)["input_ids"])
+        target_ids = list(tokenize(tokenizer, None, text_target=text)["input_ids"])
     else:
-        target_ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        target_ids = list(tokenize(tokenizer, text, add_special_tokens=False)["input_ids"])
     if not target_ids:
         raise InvalidEditError(f"the target {target!r} tokenises to nothing")
     if task == "seq2seq":
-        enc = tokenizer(prompt, return_tensors="pt")
+        enc = tokenize(tokenizer, prompt, return_tensors="pt")
         _check_length(model, enc["input_ids"].shape[1], "the prompt")
         _check_length(model, len(target_ids), "the target")
         labels = torch.tensor([target_ids])
         decoder_input_ids = model.prepare_decoder_input_ids_from_labels(labels=labels)
         inputs = dict(enc, decoder_input_ids=decoder_input_ids)
         return Example(inputs, torch.arange(len(target_ids)), labels[0])
-    prompt_ids = list(tokenizer(prompt)["input_ids"])
+    prompt_ids = list(tokenize(tokenizer, prompt)["input_ids"])
     if not prompt_ids:
         raise InvalidEditError("the prompt tokenises to nothing")
     _check_length(model, len(prompt_ids) + len(target_ids), "the prompt and target")
@@ -130,7 +164,7 @@ def encode_prompt(
 ) -> dict[str, torch.Tensor]:
     """A prompt to continue, refused (:class:`ContextLengthError`) when it and ``reserve``
     new tokens do not fit in the context."""
-    enc = dict(tokenizer(prompt, return_tensors="pt"))
+    enc = dict(tokenize(tokenizer, prompt, return_tensors="pt"))
     n = int(enc["input_ids"].shape[1])
     limit = context_length(model) or 2048
     if n + reserve > limit:
@@ -148,12 +182,19 @@ def encode_texts(
     task: str,
     max_length: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """A padded batch of texts, truncated to the context; seq2seq texts also feed the decoder."""
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    """A right-padded batch of texts, truncated to the context; seq2seq texts also feed the
+    decoder."""
     limit = max_length or context_length(model) or 512
     enc = dict(
-        tokenizer(list(texts), return_tensors="pt", padding=True, truncation=True, max_length=limit)
+        tokenize(
+            tokenizer,
+            list(texts),
+            padding_side="right",
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=limit,
+        )
     )
     if task == "seq2seq":
         enc["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(
@@ -181,7 +222,7 @@ def render_chat(
     )
     bos = tokenizer.bos_token
     if bos and text.startswith(bos):
-        ids = tokenizer(text)["input_ids"]
+        ids = tokenize(tokenizer, text)["input_ids"]
         if ids[:2] == [tokenizer.bos_token_id] * 2:
             text = text[len(bos) :]
     return text

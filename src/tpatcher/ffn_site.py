@@ -29,6 +29,7 @@ from .adapters import (
     resolve_layers_override,
 )
 from .capture import record
+from .encoding import tokenizer_lock
 from .errors import UnsupportedModelError
 
 Point = tuple[nn.Module, Literal["input", "output"]]
@@ -48,15 +49,17 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 
 @contextmanager
 def padding_side(tokenizer: PreTrainedTokenizerBase, side: str) -> Iterator[None]:
-    """Pad on ``side`` for the block (a pad token is set from EOS where there is none)."""
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    previous = getattr(tokenizer, "padding_side", "right")
-    tokenizer.padding_side = side
-    try:
-        yield
-    finally:
-        tokenizer.padding_side = previous
+    """Pad on ``side`` for the block (a pad token is set from EOS where there is none); holds
+    the tokenizer's lock meanwhile (:func:`tpatcher.encoding.tokenizer_lock`)."""
+    with tokenizer_lock(tokenizer):
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        previous = getattr(tokenizer, "padding_side", "right")
+        tokenizer.padding_side = side
+        try:
+            yield
+        finally:
+            tokenizer.padding_side = previous
 
 
 def is_conv1d(module: nn.Module) -> bool:

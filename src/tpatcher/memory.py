@@ -25,8 +25,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
-from .encoding import encode_texts
-from .ffn_site import FFNSite, padding_side
+from .encoding import encode_texts, tokenize
+from .ffn_site import FFNSite
 
 if TYPE_CHECKING:
     from .config import PatcherConfig
@@ -132,10 +132,9 @@ def ffn_inputs(
     position for a classifier; a seq2seq model gets each text as its decoder input too."""
     chunks: list[torch.Tensor] = []
     mask_key = "decoder_attention_mask" if site.task == "seq2seq" else "attention_mask"
-    with padding_side(tokenizer, "right"):
-        for i in range(0, len(texts), batch_size):
-            enc = encode_texts(tokenizer, site.model, list(texts[i : i + batch_size]), site.task)
-            chunks.append(site.ffn_inputs(enc, mask_key))
+    for i in range(0, len(texts), batch_size):
+        enc = encode_texts(tokenizer, site.model, list(texts[i : i + batch_size]), site.task)
+        chunks.append(site.ffn_inputs(enc, mask_key))
     return torch.cat(chunks) if chunks else torch.zeros(0, site.hidden_size)
 
 
@@ -149,20 +148,17 @@ def generate_continuations(
 ) -> list[str]:
     """Prompt plus continuation for each prompt, generated in left-padded batches."""
     texts: list[str] = []
-    with padding_side(tokenizer, "left"):
-        for i in range(0, len(prompts), batch_size):
-            batch = list(prompts[i : i + batch_size])
-            enc = tokenizer(batch, return_tensors="pt", padding=True).to(site.input_device)
-            with torch.no_grad():
-                out = site.model.generate(
-                    **enc,
-                    max_new_tokens=max_new_tokens,
-                    pad_token_id=tokenizer.pad_token_id,
-                    **kwargs,
-                )
-            new = out if site.task == "seq2seq" else out[:, enc["input_ids"].shape[1] :]
-            for prompt, ids in zip(batch, new, strict=True):
-                texts.append(prompt + tokenizer.decode(ids, skip_special_tokens=True))
+    for i in range(0, len(prompts), batch_size):
+        batch = list(prompts[i : i + batch_size])
+        enc = tokenize(tokenizer, batch, padding_side="left", return_tensors="pt", padding=True)
+        enc = enc.to(site.input_device)
+        with torch.no_grad():
+            out = site.model.generate(
+                **enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **kwargs
+            )
+        new = out if site.task == "seq2seq" else out[:, enc["input_ids"].shape[1] :]
+        for prompt, ids in zip(batch, new, strict=True):
+            texts.append(prompt + tokenizer.decode(ids, skip_special_tokens=True))
     return texts
 
 

@@ -25,7 +25,7 @@ from . import persistence
 from .answers import contains_answer
 from .config import PatcherConfig
 from .editing import EditRecord, EditResult, Progress, is_right, make_edit
-from .encoding import Example, encode_edit, encode_prompt, render_chat
+from .encoding import Example, encode_edit, encode_prompt, render_chat, tokenize
 from .errors import InvalidEditError, TPatcherError
 from .ffn_site import FFNSite, eval_mode
 from .layer import NeuronState, PatchLayer
@@ -212,7 +212,7 @@ class Patcher(EditLedgerMixin, PatchSavingMixin):
     def classify(self, text: str) -> int:
         """The patched classifier's label for ``text``."""
         with torch.no_grad():
-            out = self._site.run(dict(self.tokenizer(text, return_tensors="pt")))
+            out = self._site.run(dict(tokenize(self.tokenizer, text, return_tensors="pt")))
         return int(out.logits.argmax(-1)[0])
 
     # -- editing -------------------------------------------------------------------------
@@ -232,9 +232,10 @@ class Patcher(EditLedgerMixin, PatchSavingMixin):
         Adds at most ``max_neurons_per_edit`` neurons (one for a classifier), trains them and
         checks the fix with a real forward pass that only this thread sees. An input the model
         already gets right is left alone (``already_correct``); an edit that cannot be fixed
-        leaves no neurons behind. With ``publish=False`` a fixed edit stays private (to this
-        thread and to later edits of this Patcher) until :meth:`publish` or :meth:`discard`:
-        the service writes it durably in between. ``also`` gives other wordings of the
+        leaves no neurons behind. With ``publish=False`` a fixed edit stays pending: no
+        forward pass sees it (except the later edits of this Patcher, which train on top of
+        it) until :meth:`publish`; :meth:`discard` drops it. The service writes it durably in
+        between. ``also`` gives other wordings of the
         prompt (a chat turn, the bare question) that must give the same target: they are
         trained jointly, so the fix reaches the forms users ask in.
         """

@@ -1,14 +1,16 @@
 """Baseline editors the harness compares Transformer-Patcher with: FT-L, FT+KL and GRACE.
 
-All three edit the same place T-Patcher does, the last FFN that :func:`find_adapter` names,
-and train on the same tokens (:func:`encode_edit` mirrors :meth:`Patcher.encode`), so a
-difference in the results is a difference in the method, not in the data or the layer.
+All three edit the same place T-Patcher does, the last FFN (:class:`~tpatcher.ffn_site.FFNSite`),
+and train on the same tokens (:func:`~tpatcher.encoding.encode_edit`, as
+:meth:`Patcher.encode`), so a difference in the results is a difference in the method, not in
+the data or the layer.
 
-Training replays only the *tail* of the model: one forward pass records the last FFN's
-inputs ``q`` and the residual stream around it; each step then recomputes the FFN output at
-the supervised positions and applies the block's recombination and the head. Nothing after
-the last FFN mixes positions, so this is exact (checked against a full forward on first use,
-with a full-forward fallback) and a step costs a head matmul instead of a whole model pass.
+Training uses the site's *replay*: one forward pass (:meth:`FFNSite.capture`) records the
+last FFN's inputs and what its output is recombined with; each step recomputes the FFN
+output at the supervised positions and :meth:`FFNSite.replay` turns it into logits. Nothing
+after the last FFN mixes positions, so this is exact (checked against the full forward on
+first use, with a full-forward fallback) and a step costs a head matmul, not a model pass.
+The library and every baseline share this one replay.
 
 * :class:`FTEditor` - FT-L: fine-tune the last FFN's weights on the edit (Meng et al. 2022,
   ROME, appendix "FT-L"; Zhu et al. 2020 for the norm constraint).
@@ -30,11 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
-from transformers.activations import ACT2FN
 
-from ..adapters import ArchitectureAdapter, find_adapter, get_submodule
 from ..capture import record
-from ..encoding import TASKS, Example, encode_edit
+from ..encoding import MODEL_KINDS, Example, encode_edit, encode_texts
+from ..ffn_site import Capture, FFNSite, eval_mode, padding_side
 from .editors import Editor, EditOutcome
 
 __all__ = [
@@ -44,90 +45,7 @@ __all__ = [
     "FTSettings",
     "GraceEditor",
     "GraceSettings",
-    "encode_edit",
 ]
-
-
-# --------------------------------------------------------------------------------------------
-# encoding: the same tokens as Patcher.encode
-# --------------------------------------------------------------------------------------------
-
-
-# --------------------------------------------------------------------------------------------
-# the last FFN and the tail after it
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Tail:
-    """One forward pass's view of the last FFN at chosen positions (batch dim dropped).
-
-    ``base`` is the block output with this FFN's contribution taken out, so the output for
-    any FFN value ``v`` is ``LastFFN.hidden(base, v)`` (see ``LastFFN.base_of``).
-    """
-
-    q: torch.Tensor  # (n, d) FFN inputs
-    ffn_out: torch.Tensor  # (n, d) FFN outputs at capture time
-    base: torch.Tensor  # (n, d)
-    logits: torch.Tensor  # (n, V) logits of the full model at capture time
-
-
-class _LastFFN:
-    """The last FFN of a model, recomputable from its input with the current weights."""
-
-    def __init__(self, model: PreTrainedModel, adapter: ArchitectureAdapter) -> None:
-        self.model = model
-        self.adapter = adapter
-        self.block = adapter.last_block(model)
-        self.key = get_submodule(self.block, adapter.key_proj)
-        self.gate = get_submodule(self.block, adapter.gate_proj) if adapter.gate_proj else None
-        self.value = get_submodule(self.block, adapter.value_proj)
-        self.act = ACT2FN[adapter.activation(model.config)]
-        self.input_module = get_submodule(self.block, adapter.ffn_input)
-        self.output_module = get_submodule(self.block, adapter.ffn_output)
-        self.norm = get_submodule(self.block, adapter.norm) if adapter.norm else None
-
-    def parameters(self) -> list[nn.Parameter]:
-        """The FFN's own weights (key, gate, value projections, with biases)."""
-        mods = [m for m in (self.gate, self.key, self.value) if m is not None]
-        return [p for m in mods for p in m.parameters()]
-
-    def ffn(self, q: torch.Tensor) -> torch.Tensor:
-        hidden = (
-            self.act(self.key(q)) if self.gate is None else self.act(self.gate(q)) * self.key(q)
-        )
-        return self.value(hidden)
-
-    def points(self) -> dict[str, tuple[nn.Module, Literal["input", "output"]]]:
-        adapter = self.adapter
-        points: dict[str, tuple[nn.Module, Literal["input", "output"]]] = {
-            "q": (self.input_module, "input"),
-            "ffn_out": (self.output_module, "output"),
-        }
-        if adapter.recombine == "layer-norm":
-            points["rebuild"] = (get_submodule(self.block, adapter.capture), "input")
-        else:
-            out = get_submodule(self.block, adapter.capture) if adapter.capture else self.block
-            points["rebuild"] = (out, "output")
-        return points
-
-    def base_of(self, rebuild: torch.Tensor, ffn_out: torch.Tensor) -> torch.Tensor:
-        if self.adapter.recombine == "post-norm-residual":
-            return rebuild - self.norm(ffn_out)  # type: ignore[misc]
-        return rebuild - ffn_out
-
-    def hidden(self, base: torch.Tensor, ffn_out: torch.Tensor) -> torch.Tensor:
-        if self.adapter.recombine == "residual":
-            return base + ffn_out
-        if self.adapter.recombine == "layer-norm":
-            return self.norm(base + ffn_out)  # type: ignore[misc]
-        return base + self.norm(ffn_out)  # type: ignore[misc]
-
-    def logits(self, base: torch.Tensor, ffn_out: torch.Tensor) -> torch.Tensor:
-        """Logits (n, V) when the FFN outputs ``ffn_out`` (n, d) on top of ``base`` (n, d)."""
-        hidden = self.hidden(base, ffn_out.to(base.dtype)).unsqueeze(0)
-        logits = self.adapter.head(self.model, hidden, None)
-        return logits.reshape(-1, logits.shape[-1])
 
 
 # --------------------------------------------------------------------------------------------
@@ -141,8 +59,8 @@ class _Settings:
     add_space_before_target: bool = True
 
 
-class _TailEditor(Editor):
-    """An editor that trains something at the last FFN through the cached tail."""
+class _SiteEditor(Editor):
+    """An editor that trains something at the last FFN through the site's replay."""
 
     settings_class: type[_Settings] = _Settings
 
@@ -156,23 +74,23 @@ class _TailEditor(Editor):
         **settings: Any,
     ) -> None:
         super().__init__(model, tokenizer)
-        if task not in TASKS:
-            raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+        if task not in MODEL_KINDS:
+            raise ValueError(f"unknown task {task!r}; expected one of {', '.join(MODEL_KINDS)}")
         known = {f.name for f in fields(self.settings_class)}
         unknown = sorted(set(settings) - known)
         if unknown:
             raise TypeError(f"{type(self).__name__} has no setting(s) {', '.join(unknown)}")
         self.config = self.settings_class(**settings)
-        self.adapter = find_adapter(model)
-        if self.adapter.task != task:
+        self.site = FFNSite(model)
+        self.adapter = self.site.adapter
+        if self.site.task != task:
             raise ValueError(
-                f"task {task!r} does not match the model, which is edited as {self.adapter.task}"
+                f"task {task!r} does not match the model, which is edited as {self.site.task}"
             )
         self.task = task
-        self.ffn = _LastFFN(model, self.adapter)
         self.locality_texts = list(locality_texts or [])
         self.num_edits = 0
-        self._tail_ok: bool | None = None  # verified on the first capture
+        self._tail_ok: bool | None = None  # whether the replay is exact; checked on first use
 
     # -- interface ---------------------------------------------------------------------------
     def settings(self) -> dict[str, Any]:
@@ -190,34 +108,14 @@ class _TailEditor(Editor):
 
     def is_fixed(self, example: Example) -> bool:
         """Teacher-forced: the full model's argmax equals the target at every position."""
-        with self._eval(), torch.no_grad():
+        with torch.no_grad():
             logits = self._full_logits(example)
         return bool((logits.argmax(-1).cpu() == example.targets).all())
 
     # -- helpers ------------------------------------------------------------------------------
-    @property
-    def device(self) -> torch.device:
-        return self.model.get_input_embeddings().weight.device
-
-    def _forward(self, inputs: dict[str, torch.Tensor]) -> Any:
-        return self.model(**{k: v.to(self.device) for k, v in inputs.items()})
-
     def _full_logits(self, example: Example) -> torch.Tensor:
-        logits = self._forward(example.inputs).logits
-        if self.task == "seq-cls":
-            return logits.reshape(1, -1)
-        return logits[0, example.positions.to(logits.device)]
-
-    @contextmanager
-    def _eval(self) -> Iterator[None]:
-        """Eval mode (no dropout: deterministic), restoring every module's flag after."""
-        modes = [(m, m.training) for m in self.model.modules()]
-        self.model.eval()
-        try:
-            yield
-        finally:
-            for module, mode in modes:
-                module.training = mode
+        """Logits at the supervised positions from a whole forward pass (eval mode)."""
+        return self.site.logits_at(self.site.run(example.inputs), example.positions)
 
     @contextmanager
     def _only_grad(self, params: list[nn.Parameter]) -> Iterator[None]:
@@ -232,30 +130,13 @@ class _TailEditor(Editor):
             for p, flag in saved:
                 p.requires_grad_(flag)
 
-    def _capture(self, example: Example) -> _Tail:
-        """One forward pass keeping the last FFN's view of the supervised positions."""
-        with self._eval(), torch.no_grad(), record(self.ffn.points()) as store:  # type: ignore[arg-type]
-            logits = self._full_logits(example)
-        pos = example.positions.to(store["q"].device)
-        q = store["q"][0, pos]
-        ffn_out = store["ffn_out"][0, pos]
-        with torch.no_grad():
-            base = self.ffn.base_of(store["rebuild"][0, pos], ffn_out)
-        tail = _Tail(q=q, ffn_out=ffn_out, base=base, logits=logits)
+    def _capture(self, example: Example) -> Capture:
+        """One forward pass keeping the last FFN's view of the supervised positions; the
+        first one also checks that the replay reproduces the model here."""
+        capture = self.site.capture(example.inputs, example.positions)
         if self._tail_ok is None:
-            self._tail_ok = self._verify_tail(tail)
-        return tail
-
-    def _verify_tail(self, tail: _Tail) -> bool:
-        """Whether the tail reproduces the full model here (it does for every adapter)."""
-        with torch.no_grad():
-            ffn_out = self.ffn.ffn(tail.q)
-            logits = self.ffn.logits(tail.base, ffn_out)
-        scale = float(tail.logits.abs().max()) + 1.0
-        return bool(
-            torch.allclose(ffn_out, tail.ffn_out, atol=1e-3 * (float(tail.ffn_out.abs().max()) + 1))
-            and torch.allclose(logits.float(), tail.logits.float(), atol=1e-3 * scale)
-        )
+            self._tail_ok = self.site.replay_matches(capture)
+        return capture
 
     def _edit_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float(), targets.to(logits.device))
@@ -310,7 +191,7 @@ class FTKLSettings(FTSettings):
     kl_max_tokens: int = 32
 
 
-class FTEditor(_TailEditor):
+class FTEditor(_SiteEditor):
     """FT-L: fine-tune the last FFN's weights (key, gate, value projections) on each edit.
 
     Adam on the edit's cross-entropy, stopping as soon as the edit is fixed. The change is
@@ -322,7 +203,7 @@ class FTEditor(_TailEditor):
     config: FTSettings
 
     def _params(self) -> list[nn.Parameter]:
-        params = self.ffn.parameters()
+        params = self.site.parameters()
         if not self.config.train_biases:
             params = [p for p in params if p.dim() > 1]
         return params
@@ -347,11 +228,11 @@ class FTEditor(_TailEditor):
         self.num_edits += 1
         losses: list[float] = []
         steps = 0
-        with self._eval(), self._only_grad(params):
+        with eval_mode(self.model), self._only_grad(params):
             optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
             for step in range(cfg.max_steps + 1):
                 if self._tail_ok:
-                    logits = self.ffn.logits(tail.base, self.ffn.ffn(tail.q))
+                    logits = self.site.replay(tail, new_out=self.site.ffn(tail.q))
                 else:
                     logits = self._full_logits(example)
                 if bool((logits.argmax(-1) == targets).all()) or step == cfg.max_steps:
@@ -380,7 +261,7 @@ class FTEditor(_TailEditor):
 
 @dataclass
 class _LocalityItem:
-    tail: _Tail
+    tail: Capture
     ref_logp: torch.Tensor  # (n, V) the unedited model's log-probabilities
 
 
@@ -415,52 +296,35 @@ class FTKLEditor(FTEditor):
     def _capture_texts(self, texts: list[str], batch_size: int = 8) -> list[_LocalityItem]:
         """The last FFN's view of each text, and the unedited model's distributions there.
 
-        Texts run in right-padded batches; only real tokens are kept (every position, or the
-        classifier's position 0). A seq2seq text is also the decoder input, as for T-Patcher's
-        memory.
+        Texts run in right-padded batches (:func:`encode_texts`, as T-Patcher's memory);
+        only real tokens are kept (every position, or the classifier's position 0).
         """
         items: list[_LocalityItem] = []
-        pad_side = getattr(self.tokenizer, "padding_side", "right")
-        if self.tokenizer.pad_token is None:
-            raise ValueError("the tokenizer has no pad token; set one to batch locality text")
-        self.tokenizer.padding_side = "right"
-        try:
+        points = self.site.points()
+        with padding_side(self.tokenizer, "right"):
             for i in range(0, len(texts), batch_size):
                 batch = texts[i : i + batch_size]
-                enc = dict(
-                    self.tokenizer(
-                        batch,
-                        return_tensors="pt",
-                        padding=True,
-                        truncation=True,
-                        max_length=self.config.kl_max_tokens,
-                    )
+                enc = encode_texts(
+                    self.tokenizer, self.model, batch, self.task, self.config.kl_max_tokens
                 )
+                with torch.no_grad(), record(points) as store:
+                    output = self.site.run(enc)
                 mask = enc["attention_mask"].bool()
-                if self.task == "seq2seq":
-                    enc["decoder_input_ids"] = self.model.prepare_decoder_input_ids_from_labels(
-                        labels=enc["input_ids"]
-                    )
-                    enc["decoder_attention_mask"] = enc["attention_mask"]
-                points = self.ffn.points()
-                with self._eval(), torch.no_grad(), record(points) as store:  # type: ignore[arg-type]
-                    logits = self._forward(enc).logits
                 for row in range(len(batch)):
                     keep = (
                         torch.tensor([0]) if self.task == "seq-cls" else mask[row].nonzero()[:, 0]
                     )
-                    q = store["q"][row, keep]
-                    ffn_out = store["ffn_out"][row, keep]
-                    with torch.no_grad():
-                        base = self.ffn.base_of(store["rebuild"][row, keep], ffn_out)
-                    row_logits = (
-                        logits[row : row + 1] if self.task == "seq-cls" else logits[row, keep]
+                    capture = Capture(
+                        q_all=store["q"][row],
+                        q=store["q"][row, keep.to(store["q"].device)],
+                        ffn_out=store["ffn_out"][row, keep.to(store["ffn_out"].device)],
+                        rebuild_from=store["rebuild_from"][
+                            row, keep.to(store["rebuild_from"].device)
+                        ],
+                        logits=self.site.logits_at(output, keep, row),
                     )
-                    tail = _Tail(q=q, ffn_out=ffn_out, base=base, logits=row_logits)
-                    ref = F.log_softmax(row_logits.float(), dim=-1)
-                    items.append(_LocalityItem(tail, ref))
-        finally:
-            self.tokenizer.padding_side = pad_side
+                    ref = F.log_softmax(capture.logits.float(), dim=-1)
+                    items.append(_LocalityItem(capture, ref))
         return items
 
     def _kl(self, step: int, generator: torch.Generator) -> torch.Tensor | None:
@@ -470,7 +334,7 @@ class FTKLEditor(FTEditor):
         terms = []
         for i in chosen:
             item = pool[i]
-            logits = self.ffn.logits(item.tail.base, self.ffn.ffn(item.tail.q))
+            logits = self.site.replay(item.tail, new_out=self.site.ffn(item.tail.q))
             logp = F.log_softmax(logits.float(), dim=-1)
             kl = (item.ref_logp.exp() * (item.ref_logp - logp)).sum(-1)
             terms.append(kl)
@@ -504,7 +368,7 @@ class GraceSettings(_Settings):
     expand: Literal["coverage", "moving_average"] = "coverage"
 
 
-class GraceEditor(_TailEditor):
+class GraceEditor(_SiteEditor):
     """GRACE: a codebook of (key, value, radius) entries that replaces the last FFN's output.
 
     Keys are last-FFN inputs; a position whose input lies within an entry's radius of its
@@ -542,8 +406,8 @@ class GraceEditor(_TailEditor):
         self._override: tuple[torch.Tensor, torch.Tensor] | None = None  # (positions, values)
         self._q: torch.Tensor | None = None
         self._handles = [
-            self.ffn.input_module.register_forward_pre_hook(self._remember),
-            self.ffn.output_module.register_forward_hook(self._replace),
+            self.site.input_module.register_forward_pre_hook(self._remember),
+            self.site.output_module.register_forward_hook(self._replace),
         ]
 
     # -- the codebook at inference -----------------------------------------------------------
@@ -642,12 +506,12 @@ class GraceEditor(_TailEditor):
         cfg = self.config
         losses: list[float] = []
         steps = 0
-        with self._eval(), self._only_grad([]):
+        with eval_mode(self.model), self._only_grad([]):
             optimizer = torch.optim.Adam(params, lr=cfg.lr)
             for step in range(cfg.max_steps + 1):
                 values = torch.stack(params)[slot]
                 if self._tail_ok:
-                    logits = self.ffn.logits(tail.base, values)
+                    logits = self.site.replay(tail, new_out=values)
                 else:
                     self._override = (example.positions, values)
                     try:
@@ -676,4 +540,4 @@ class GraceEditor(_TailEditor):
         return EditOutcome(success, time.perf_counter() - start, details)
 
     def settings(self) -> dict[str, Any]:
-        return dict(super().settings(), layer=f"{self.adapter.block_path(self.model)} FFN")
+        return dict(super().settings(), layer=f"{self.site.block_path} FFN")

@@ -16,6 +16,17 @@ from .protocol import METHODS, BenchSettings, run_benchmark
 from .report import results_table
 
 
+def _json_option(text: str, name: str) -> dict[str, Any]:
+    """A JSON object given on the command line, refused clearly when it is not one."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise typer.BadParameter(f"{name} is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise typer.BadParameter(f"{name} must be a JSON object, e.g. '{{\"max_steps\": 500}}'")
+    return value
+
+
 def bench(
     task: Annotated[str, typer.Option(help="zsre, counterfact or factcheck")] = "zsre",
     methods: Annotated[str, typer.Option(help="comma-separated: " + ",".join(METHODS))] = (
@@ -58,10 +69,22 @@ def bench(
     stop_after: Annotated[
         int | None, typer.Option(help="process at most this many items per method, then stop")
     ] = None,
+    real_use: Annotated[
+        bool,
+        typer.Option(help="free-answer metrics: chat, bare question, unchanged general answers"),
+    ] = True,
+    edit_format: Annotated[
+        str,
+        typer.Option(
+            help="template, chat (the question through the chat template) or joint (the "
+            "template prompt trained with the chat turn and the bare question; tpatcher only)"
+        ),
+    ] = "template",
+    general_questions: Annotated[
+        int, typer.Option(help="general questions whose chat answers must not change (max 200)")
+    ] = 200,
 ) -> None:
     """Run the sequential model-editing benchmark and print every metric per method."""
-    if threads > 0:
-        torch.set_num_threads(threads)
     settings = BenchSettings(
         task=task,
         methods=[m.strip() for m in methods.split(",") if m.strip()],
@@ -77,9 +100,23 @@ def bench(
         general_tokens=general_tokens,
         checkpoint_every=checkpoint_every,
         eval_every=eval_every,
-        patcher=json.loads(patcher),
-        method_settings=json.loads(method_settings),
+        patcher=_json_option(patcher, "--patcher"),
+        method_settings=_json_option(method_settings, "--method-settings"),
+        real_use=real_use,
+        edit_format=edit_format,
+        general_questions=general_questions,
     )
+    _run(settings, stop_after, threads)
+
+
+def _run(settings: BenchSettings, stop_after: int | None, threads: int) -> None:
+    """The benchmark with a progress bar per method, then the results table."""
+    try:
+        settings.validate()  # before any work: a misspelt setting fails at once
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    if threads > 0:
+        torch.set_num_threads(threads)
     console = Console()
     start = time.perf_counter()
     with Progress(
@@ -109,6 +146,7 @@ def bench(
             settings, stop_after=stop_after, on_item=on_item, on_status=console.log
         )
     console.print(results_table(results))
-    console.print(f"results: {Path(out) / 'results.json'} ({time.perf_counter() - start:.0f} s)")
+    elapsed = time.perf_counter() - start
+    console.print(f"results: {Path(settings.out_dir) / 'results.json'} ({elapsed:.0f} s)")
     if not results["complete"]:
         console.print("[yellow]stopped early; rerun the same command to resume[/yellow]")

@@ -9,6 +9,11 @@ Prompt formats are fixed and shared by every method:
 * CounterFact: the raw ``prompt`` / ``rephrase_prompt`` / ``locality_prompt``.
 * factcheck: the claim text (a classifier input).
 
+For the real-use metrics each generation item also keeps its raw question (``question``,
+``paraphrase_question``, ``loc_question``): what a user would type, asked through the chat
+template or as bare text. zsRE: the ``src``/``rephrase``/NQ questions as written;
+CounterFact: its raw prompts, which are already what a user would type.
+
 Everything the evaluation sees (stream, paraphrases, locality prompts, held-out sets) is
 disjoint from the memory texts handed to T-Patcher and FT+KL, so the memory bank never
 contains what locality is measured on.
@@ -38,6 +43,9 @@ class EditItem:
     paraphrase: str | None = None
     loc_prompt: str | None = None
     loc_target: str | int | None = None
+    question: str | None = None
+    paraphrase_question: str | None = None
+    loc_question: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -121,6 +129,9 @@ def _zsre(
             paraphrase=zsre_prompt(r["rephrase"]),
             loc_prompt=zsre_prompt(loc),
             loc_target=str(r["loc_ans"]),
+            question=str(r["src"]).strip(),
+            paraphrase_question=str(r["rephrase"]).strip(),
+            loc_question=loc.strip(),
         )
 
     key = "answers" if mode == "mistakes" else "alt"
@@ -171,6 +182,9 @@ def _counterfact(
             paraphrase=r["rephrase_prompt"],
             loc_prompt=r["locality_prompt"],
             loc_target=r["locality_ground_truth"],
+            question=r["prompt"],
+            paraphrase_question=r["rephrase_prompt"],
+            loc_question=r["locality_prompt"],
         )
         for r in chosen
     ]

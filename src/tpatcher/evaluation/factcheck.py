@@ -35,6 +35,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from ..ffn_site import eval_mode
 from ..models import load_model, resolve_cache_dir
 
 logger = logging.getLogger("tpatcher.evaluation.factcheck")
@@ -311,17 +312,12 @@ def claim_accuracy(
     if not rows:
         return float("nan")
     correct = 0
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model), torch.no_grad():
         for i in range(0, len(rows), batch_size):
             batch = rows[i : i + batch_size]
             enc = tokenizer(
                 [r[key] for r in batch], return_tensors="pt", padding=True, truncation=True
             )
-            with torch.no_grad():
-                pred = model(**enc).logits.argmax(-1)
+            pred = model(**enc).logits.argmax(-1)
             correct += int((pred == torch.tensor([r["label"] for r in batch])).sum())
-    finally:
-        model.train(was_training)
     return correct / len(rows)

@@ -4,8 +4,8 @@ Every generation metric is computed two ways:
 
 * **teacher-forced token accuracy** (what the papers report): feed prompt + target, take the
   argmax at each target position, and count the share of target tokens predicted. Prompts and
-  targets are tokenised exactly as :meth:`tpatcher.Patcher.encode` does (a space is inserted
-  between them when neither has one), so every method is scored on the same tokens.
+  targets are tokenised by :func:`tpatcher.encoding.encode_edit`, as every editor trains on
+  them (a space is inserted between them when neither has one).
 * **greedy exact match**: generate ``len(target tokens) + extra`` tokens greedily, keep the
   first line of the continuation (leading whitespace dropped, cut at the first newline),
   normalise it and the target (:func:`normalize_answer`), and count a match when the
@@ -13,34 +13,40 @@ Every generation metric is computed two ways:
   (the model may go on after the answer; a longer word such as "Serpensus" for "Serpens"
   does not match).
 
+Real use is judged on free answers (:meth:`Scorer.answers`: greedy, stopped at the end of
+the turn or of the first sentence) with :func:`tpatcher.answers.contains_answer`, as the
+library and the service judge them.
+
 Classifiers have one number per input (the label is right or not); it fills both slots.
 """
 
 from __future__ import annotations
 
 import math
-import re
-import string
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria
 
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCT = str.maketrans("", "", string.punctuation)
+from ..answers import contains_answer, first_line, first_sentence, normalize_answer
+from ..encoding import encode_edit
+from ..ffn_site import eval_mode, padding_side
 
-
-def normalize_answer(text: str) -> str:
-    """SQuAD-style normalisation: lowercase, no punctuation, no articles, single spaces."""
-    text = text.lower().translate(_PUNCT)
-    text = _ARTICLES.sub(" ", text)
-    return " ".join(text.split())
-
-
-def first_line(continuation: str) -> str:
-    """The continuation up to its first newline, after dropping leading whitespace."""
-    return continuation.lstrip().split("\n", 1)[0]
+__all__ = [
+    "Forced",
+    "Scorer",
+    "agreement",
+    "contains_answer",
+    "exact_match",
+    "first_line",
+    "first_sentence",
+    "mean",
+    "normalize_answer",
+    "perplexity",
+    "ratio",
+    "token_accuracy",
+]
 
 
 def exact_match(continuation: str, target: str) -> bool:
@@ -99,11 +105,27 @@ class Forced:
         return self.predicted == self.targets
 
 
+class _SentenceDone(StoppingCriteria):
+    """Marks a row finished once its answer has a complete first sentence: only that is
+    judged, so free answers need not run to their token budget."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.prompt_length = prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(
+            input_ids[:, self.prompt_length :], skip_special_tokens=True
+        )
+        done = [first_sentence(t) != first_line(t) or "\n" in t.lstrip() for t in texts]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
 class Scorer:
     """Asks ``model`` for teacher-forced predictions, greedy continuations and labels, batched.
 
-    Works on any editor's model, so it mirrors :meth:`tpatcher.Patcher.encode` rather than
-    needing a Patcher on the model (which would change it).
+    Works on any editor's model; edits are tokenised by :func:`tpatcher.encoding.encode_edit`,
+    so every method is trained and scored on the same tokens.
     """
 
     def __init__(
@@ -131,29 +153,25 @@ class Scorer:
     def device(self) -> torch.device:
         return self.model.get_input_embeddings().weight.device
 
-    # -- tokenisation (mirrors Patcher.encode for causal LMs) ----------------------------
-    def target_ids(self, prompt: str, target: str) -> list[int]:
-        if self.add_space and not prompt[-1:].isspace() and not target[:1].isspace():
-            target = " " + target
-        return list(self.tokenizer(target, add_special_tokens=False)["input_ids"])
-
+    # -- tokenisation (encode_edit, as every editor) -------------------------------------
     def encode(self, prompt: str, target: str) -> tuple[list[int], list[int], int]:
         """(input ids, target ids, index of the logit that predicts the first target)."""
-        prompt_ids = list(self.tokenizer(prompt)["input_ids"])
-        target_ids = self.target_ids(prompt, target)
-        return prompt_ids + target_ids[:-1], target_ids, len(prompt_ids) - 1
+        example = encode_edit(
+            self.tokenizer,
+            self.model,
+            prompt,
+            target,
+            task="causal-lm",
+            add_space_before_target=self.add_space,
+        )
+        ids = example.inputs["input_ids"][0].tolist()
+        return ids, example.targets.tolist(), int(example.positions[0])
 
     # -- model calls ---------------------------------------------------------------------
-    def _eval(self):
-        was = self.model.training
-        self.model.eval()
-        return was
-
     def forced(self, pairs: Sequence[tuple[str, str]]) -> list[Forced]:
         """Teacher-forced argmax at every target position, right-padded batches."""
         out: list[Forced] = []
-        was = self._eval()
-        try:
+        with eval_mode(self.model), torch.no_grad():
             for i in range(0, len(pairs), self.batch_size):
                 encoded = [self.encode(p, t) for p, t in pairs[i : i + self.batch_size]]
                 width = max(len(ids) for ids, _, _ in encoded)
@@ -163,53 +181,49 @@ class Scorer:
                 for row, (seq, _, _) in enumerate(encoded):
                     ids[row, : len(seq)] = torch.tensor(seq)
                     mask[row, : len(seq)] = 1
-                with torch.no_grad():
-                    logits = self.model(
-                        input_ids=ids.to(self.device), attention_mask=mask.to(self.device)
-                    ).logits
+                logits = self.model(
+                    input_ids=ids.to(self.device), attention_mask=mask.to(self.device)
+                ).logits
                 argmax = logits.argmax(-1).cpu()
                 for row, (_, targets, start) in enumerate(encoded):
                     pred = argmax[row, start : start + len(targets)].tolist()
                     out.append(Forced(pred, targets))
-        finally:
-            self.model.train(was)
         return out
 
-    def generate(self, prompts: Sequence[str], new_tokens: Sequence[int]) -> list[str]:
+    def generate(
+        self, prompts: Sequence[str], new_tokens: Sequence[int], *, sentence: bool = False
+    ) -> list[str]:
         """Greedy continuations (text only), ``new_tokens[i]`` tokens for prompt ``i``.
 
         Prompts are batched in order of their token budget, so one long answer does not make
-        a whole batch generate its length; the results come back in the input order.
+        a whole batch generate its length; the results come back in the input order. With
+        ``sentence`` a row stops at the end of its first sentence (or of the turn).
         """
         order = sorted(range(len(prompts)), key=lambda i: new_tokens[i])
         out: list[str] = [""] * len(prompts)
-        was = self._eval()
-        side = self.tokenizer.padding_side
-        self.tokenizer.padding_side = "left"
-        try:
+        with eval_mode(self.model), padding_side(self.tokenizer, "left"), torch.no_grad():
             for i in range(0, len(order), self.batch_size):
                 rows = order[i : i + self.batch_size]
                 batch = [prompts[j] for j in rows]
                 counts = [new_tokens[j] for j in rows]
                 enc = self.tokenizer(batch, return_tensors="pt", padding=True).to(self.device)
-                with torch.no_grad():
-                    gen = self.model.generate(
-                        **enc,
-                        max_new_tokens=max(counts),
-                        do_sample=False,
-                        pad_token_id=self.tokenizer.pad_token_id,
-                    )
-                new = gen[:, enc["input_ids"].shape[1] :].cpu()
+                width = enc["input_ids"].shape[1]
+                stop = [_SentenceDone(self.tokenizer, width)] if sentence else None
+                gen = self.model.generate(
+                    **enc,
+                    max_new_tokens=max(counts),
+                    do_sample=False,
+                    pad_token_id=self.tokenizer.pad_token_id,
+                    stopping_criteria=stop,
+                )
+                new = gen[:, width:].cpu()
                 for j, row, n in zip(rows, new, counts, strict=True):
                     out[j] = self.tokenizer.decode(row[:n], skip_special_tokens=True)
-        finally:
-            self.tokenizer.padding_side = side
-            self.model.train(was)
         return out
 
     def answer_budget(self, prompt: str, target: str) -> int:
         """Tokens to generate for an exact-match check: the target's length plus slack."""
-        return len(self.target_ids(prompt, target)) + self.extra_tokens
+        return len(self.encode(prompt, target)[1]) + self.extra_tokens
 
     def exact(self, pairs: Sequence[tuple[str, str]]) -> tuple[list[bool], list[str]]:
         """Greedy exact match of each (prompt, target), and the continuations."""
@@ -217,11 +231,15 @@ class Scorer:
         texts = self.generate([p for p, _ in pairs], budgets)
         return [exact_match(g, t) for g, (_, t) in zip(texts, pairs, strict=True)], texts
 
+    def answers(self, prompts: Sequence[str], max_new_tokens: int = 48) -> list[str]:
+        """Free greedy answers (real use): up to ``max_new_tokens`` tokens, the end of the
+        turn, or the end of the first sentence, whichever comes first."""
+        return self.generate(prompts, [max_new_tokens] * len(prompts), sentence=True)
+
     def classify(self, texts: Sequence[str]) -> list[int]:
         """Predicted labels of a sequence classifier."""
         out: list[int] = []
-        was = self._eval()
-        try:
+        with eval_mode(self.model), torch.no_grad():
             for i in range(0, len(texts), self.batch_size):
                 enc = self.tokenizer(
                     list(texts[i : i + self.batch_size]),
@@ -229,28 +247,21 @@ class Scorer:
                     padding=True,
                     truncation=True,
                 ).to(self.device)
-                with torch.no_grad():
-                    out += self.model(**enc).logits.argmax(-1).cpu().tolist()
-        finally:
-            self.model.train(was)
+                out += self.model(**enc).logits.argmax(-1).cpu().tolist()
         return out
 
     def perplexity(self, texts: Sequence[str], prompts: Sequence[str]) -> float:
         """Perplexity of each text's part after its prompt (the generated continuation)."""
         total, count = 0.0, 0
-        was = self._eval()
-        try:
+        with eval_mode(self.model), torch.no_grad():
             for text, prompt in zip(texts, prompts, strict=True):
                 ids = self.tokenizer(text, return_tensors="pt")["input_ids"]
                 start = len(self.tokenizer(prompt)["input_ids"])
                 if ids.shape[1] - start < 1:
                     continue
-                with torch.no_grad():
-                    logits = self.model(input_ids=ids.to(self.device)).logits[0].float().cpu()
+                logits = self.model(input_ids=ids.to(self.device)).logits[0].float().cpu()
                 logp = torch.log_softmax(logits[start - 1 : -1], -1)
                 gold = ids[0, start:]
                 total += float(-logp.gather(1, gold[:, None]).sum())
                 count += int(gold.numel())
-        finally:
-            self.model.train(was)
         return perplexity(total, count)

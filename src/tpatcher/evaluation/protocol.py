@@ -4,15 +4,20 @@ Paper protocol (Huang et al. 2023, SME): a seeded random stream; each item is ch
 the *current* model and edited only if it is a mistake (``mode="mistakes"``; teacher-forced:
 any target token wrong, or the wrong label) or always (``mode="counterfactual"``). Right after
 each edit: SR (the edit input is now right) and GR (its paraphrase is right). At the end: ER,
-TrainR, TestR; and the WISE/EasyEdit final-model metrics Rel, Gen, Loc over all edits, plus
-perplexity on general text before and after. See :func:`evaluate_state` for definitions.
+TrainR, TestR; the WISE/EasyEdit final-model metrics Rel, Gen, Loc over all edits, perplexity
+on general text before and after; and the real-use metrics (free chat answers, bare
+questions, unchanged general answers). See :func:`evaluate_state` for definitions.
+
+Edits are made on the template prompt (``edit_format="template"``) or, as the service makes
+them, on the question through the model's chat template (``"chat"``); every format is
+measured either way.
 
 Resume: each method keeps ``<out>/<method>/progress.json`` (per-item records, written
-atomically after every ``checkpoint_every`` items) and, for T-Patcher, the patch directory
-``<out>/<method>/state`` (:meth:`Patcher.save`). Resuming T-Patcher loads the patch, rolls
-back any edit saved after the last progress write, and restores the patcher's edit counter (it
-seeds the new neurons), so the resumed run is identical to an uninterrupted one. An editor
-with ``save_state(dir)`` / ``load_state(dir)`` methods is checkpointed the same way; any
+atomically after every ``checkpoint_every`` items). An editor with ``save_state(dir)`` /
+``load_state(dir)`` (T-Patcher's saves its patch directory) saves each checkpoint into a
+fresh folder ``state-<items>``; progress.json names it only once it is written, and older
+folders are deleted only after that, so the folder progress.json names always matches its
+records, whenever a crash comes. Resuming loads that folder into a freshly built editor. Any
 other editor is rebuilt by replaying its recorded edits in order on a fresh model
 (deterministic methods give the same model; the per-edit SR/GR already recorded are kept).
 A finished method (``final.json``) is not rerun.
@@ -22,12 +27,14 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.util
 import json
 import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +42,38 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..config import PatcherConfig
+from ..encoding import has_chat_template, render_chat
+from ..ffn_site import eval_mode
 from ..patcher import Patcher
-from .data import EditItem, TaskData, load_task
+from .data import BENCH_TASKS, EditItem, TaskData, load_task
 from .editors import Editor, EditOutcome, TPatcherEditor
-from .metrics import Scorer, agreement, first_line, mean, normalize_answer, ratio
+from .metrics import (
+    Scorer,
+    agreement,
+    contains_answer,
+    first_line,
+    first_sentence,
+    mean,
+    normalize_answer,
+    ratio,
+)
 
-METHODS = ("tpatcher", "ft", "ftkl", "grace")
-BASELINES = {"ft": "FTEditor", "ftkl": "FTKLEditor", "grace": "GraceEditor"}
+#: Each method's editor as ``module:Class``, imported only when the method runs, so a
+#: missing module fails only the methods that need it.
+EDITORS = {
+    "ft": "tpatcher.evaluation.baselines:FTEditor",
+    "ftkl": "tpatcher.evaluation.baselines:FTKLEditor",
+    "grace": "tpatcher.evaluation.baselines:GraceEditor",
+    "wise": "tpatcher.evaluation.wise:WiseEditor",
+    "memoir": "tpatcher.evaluation.memoir:MemoirEditor",
+}
+METHODS = ("tpatcher", *EDITORS)
+#: Where edits are made: the template prompt; the question through the chat template (as the
+#: service edits); or ``joint``: the template prompt trained together with the chat turn and
+#: the bare question (``Patcher.edit(..., also=...)``; T-Patcher only).
+EDIT_FORMATS = ("template", "chat", "joint")
+#: The real-use metrics :func:`evaluate_state` adds (``None`` where undefined).
+REAL_USE_KEYS = ("rel_chat", "gen_chat", "loc_chat", "rel_q", "gen_q", "general_same")
 
 #: Prompts for the general-text perplexity check. Disjoint from tpatcher's memory prompts
 #: (``tpatcher/data/memory_prompts.txt``) and from every data set's prompts.
@@ -67,14 +99,59 @@ GENERAL_SOURCE = (
     "continuations sampled (top-p 0.95, torch seed = run seed) by the unedited model from "
     "tpatcher.evaluation.protocol.GENERAL_PROMPTS"
 )
+GENERAL_QUESTIONS_SOURCE = (
+    "greedy chat answers of the unedited model to tpatcher/evaluation/general_questions.txt"
+)
 
 ItemHook = Callable[[str, int, int, dict[str, Any]], None]
+
+
+def general_questions() -> list[str]:
+    """The general-ability questions (everyday questions unlike every data set and memory
+    text), one per line of ``general_questions.txt``."""
+    text = resources.files(__package__).joinpath("general_questions.txt").read_text("utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def editor_class(method: str) -> type[Editor]:
+    """The editor class of a method in :data:`EDITORS`, imported now."""
+    if method not in EDITORS:
+        raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    module_name, _, name = EDITORS[method].partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name != module_name:
+            raise
+        raise ValueError(f"method {method!r} needs {module_name}, which is missing") from exc
+    return getattr(module, name)
+
+
+def method_available(method: str) -> bool:
+    """Whether a method's editor module is present (without importing it)."""
+    if method == "tpatcher":
+        return True
+    if method not in EDITORS:
+        return False
+    return importlib.util.find_spec(EDITORS[method].partition(":")[0]) is not None
+
+
+def _check_settings(method: str, given: dict[str, Any]) -> None:
+    """Import a chosen method's editor (a missing module fails now) and refuse settings its
+    settings dataclass does not have."""
+    cls = getattr(editor_class(method), "settings_class", None)
+    if given and isinstance(cls, type) and is_dataclass(cls):
+        unknown = sorted(set(given) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"{method} has no setting(s) {', '.join(unknown)}")
 
 
 @dataclass
 class BenchSettings:
     """One benchmark run. ``patcher`` overrides :class:`PatcherConfig` fields; ``method_settings``
-    passes keyword settings to each baseline's constructor."""
+    passes keyword settings to each baseline's constructor. ``real_use`` adds the free-answer
+    metrics (causal LMs; the chat ones need a chat template); ``edit_format`` is where edits
+    are made: the template prompt or the question through the chat template."""
 
     task: str
     methods: list[str]
@@ -96,6 +173,10 @@ class BenchSettings:
     method_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     classifier_cache: str | None = None
     device: str = "cpu"
+    real_use: bool = True
+    edit_format: str = "template"
+    general_questions: int = 200
+    answer_tokens: int = 48
 
     def key(self) -> str:
         """Identifies the data and base evaluation; a resumed run must match it."""
@@ -104,9 +185,47 @@ class BenchSettings:
         parts += [str(Path(self.data_dir).resolve())]
         return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
+    def real_use_key(self) -> str:
+        """Identifies the unedited model's real-use answers (kept apart from :meth:`key`, so
+        turning them on does not redo a run's other base outputs)."""
+        parts = [self.key(), self.general_questions, self.answer_tokens, "real-use-1"]
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
     def patcher_config(self) -> PatcherConfig:
         """T-Patcher's config: the defaults, ``patcher``'s overrides and the run's seed."""
         return PatcherConfig.from_dict(dict(self.patcher, seed=self.seed))
+
+    def validate(self) -> None:
+        """Refuse bad settings before any work: a misspelt override must not surface hours
+        later, or run the defaults."""
+        if not self.methods:
+            raise ValueError("no methods chosen")
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown method {unknown[0]!r}; expected one of {', '.join(METHODS)}")
+        if self.task not in BENCH_TASKS:
+            raise ValueError(
+                f"unknown task {self.task!r}; expected one of {', '.join(BENCH_TASKS)}"
+            )
+        if self.edit_format not in EDIT_FORMATS:
+            raise ValueError(
+                f"unknown edit format {self.edit_format!r}; expected one of "
+                f"{', '.join(EDIT_FORMATS)}"
+            )
+        if self.edit_format != "template" and self.task == "factcheck":
+            raise ValueError("chat edits need a generation task (zsre, counterfact)")
+        if self.edit_format == "joint" and set(self.methods) != {"tpatcher"}:
+            raise ValueError("edit_format 'joint' trains several wordings at once: tpatcher only")
+        stray = sorted(set(self.method_settings) - set(EDITORS))
+        if stray:
+            raise ValueError(f"method_settings for {stray[0]!r}, which is not a baseline method")
+        for method in self.methods:
+            if method != "tpatcher":
+                _check_settings(method, self.method_settings.get(method, {}))
+        try:
+            self.patcher_config()
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"invalid T-Patcher settings (--patcher): {exc}") from exc
 
     def method_key(self, method: str) -> str:
         """The run key plus the method's own settings: changing them starts the method over.
@@ -117,7 +236,10 @@ class BenchSettings:
             own = self.patcher_config().to_dict()
         else:
             own = self.method_settings.get(method, {})
-        blob = json.dumps([self.key(), method, own], sort_keys=True, default=str)
+        parts: list[Any] = [self.key(), method, own]
+        if self.edit_format != "template":  # keeps the keys of template runs as they were
+            parts.append({"edit_format": self.edit_format})
+        blob = json.dumps(parts, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -212,6 +334,70 @@ def base_outputs(scorer: Scorer, data: TaskData, settings: BenchSettings) -> dic
     return base
 
 
+def base_real_use(scorer: Scorer, data: TaskData, settings: BenchSettings) -> dict[str, Any]:
+    """The unedited model's chat answers that the real-use locality metrics compare with: to
+    each stream item's unrelated question and to the general questions. Without a chat
+    template only the question-only metrics are defined, and nothing is stored."""
+    tok = scorer.tokenizer
+    part: dict[str, Any] = {
+        "key": settings.real_use_key(),
+        "tokens": settings.answer_tokens,
+        "chat": has_chat_template(tok),
+    }
+    if not part["chat"]:
+        return part
+    loc_items = [it for it in data.stream if it.loc_question]
+    questions = general_questions()[: settings.general_questions]
+    prompts = [render_chat(tok, str(it.loc_question)) for it in loc_items]
+    prompts += [render_chat(tok, q) for q in questions]
+    answers = scorer.answers(prompts, settings.answer_tokens)
+    part["loc"] = {it.uid: a for it, a in zip(loc_items, answers[: len(loc_items)], strict=True)}
+    part["general"] = {
+        "source": GENERAL_QUESTIONS_SOURCE,
+        "questions": questions,
+        "answers": answers[len(loc_items) :],
+    }
+    return part
+
+
+def same_answer(now: str, before: str) -> bool:
+    """Whether two free answers say the same: their normalised first sentences are equal."""
+    return normalize_answer(first_sentence(now)) == normalize_answer(first_sentence(before))
+
+
+def real_use_metrics(
+    scorer: Scorer, items: list[EditItem], real: dict[str, Any]
+) -> dict[str, float | None]:
+    """The real-use metrics of the model now over the edited ``items`` (see
+    :func:`evaluate_state`); all prompts go to the model in one batched call."""
+    tok = scorer.tokenizer
+    groups: dict[str, list[tuple[str, str | None]]] = {
+        "rel_q": [(str(it.question), str(it.target)) for it in items if it.question],
+        "gen_q": [
+            (str(it.paraphrase_question), str(it.target)) for it in items if it.paraphrase_question
+        ],
+    }
+    loc_items = [it for it in items if it.uid in real.get("loc", {})]
+    if real.get("chat"):
+        groups["rel_chat"] = [(render_chat(tok, p), t) for p, t in groups["rel_q"]]
+        groups["gen_chat"] = [(render_chat(tok, p), t) for p, t in groups["gen_q"]]
+        groups["loc_chat"] = [
+            (render_chat(tok, str(it.loc_question)), real["loc"][it.uid]) for it in loc_items
+        ]
+        general = real["general"]
+        groups["general_same"] = [
+            (render_chat(tok, q), a)
+            for q, a in zip(general["questions"], general["answers"], strict=True)
+        ]
+    flat = [prompt for pairs in groups.values() for prompt, _ in pairs]
+    answers = iter(scorer.answers(flat, int(real["tokens"])))
+    out: dict[str, float | None] = dict.fromkeys(REAL_USE_KEYS)
+    for name, pairs in groups.items():
+        judge = same_answer if name in ("loc_chat", "general_same") else contains_answer
+        out[name] = mean([judge(next(answers), str(want)) for _, want in pairs])
+    return out
+
+
 def _sample(scorer: Scorer, prompts: list[str], tokens: int, seed: int) -> list[str]:
     """Prompt + sampled continuation, one prompt at a time (no padding to perturb sampling)."""
     torch.manual_seed(seed)
@@ -219,7 +405,7 @@ def _sample(scorer: Scorer, prompts: list[str], tokens: int, seed: int) -> list[
     tok = scorer.tokenizer
     for prompt in prompts:
         enc = tok(prompt, return_tensors="pt").to(scorer.device)
-        with torch.no_grad():
+        with eval_mode(scorer.model), torch.no_grad():
             out = scorer.model.generate(
                 **enc,
                 max_new_tokens=tokens,
@@ -231,6 +417,31 @@ def _sample(scorer: Scorer, prompts: list[str], tokens: int, seed: int) -> list[
             prompt + tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         )
     return texts
+
+
+def locality(scorer: Scorer, items: list[EditItem], base: dict[str, Any]) -> dict[str, Any]:
+    """``loc_tf`` and ``loc_em`` of the model now over ``items`` (see :func:`evaluate_state`)."""
+    loc_items = [it for it in items if it.uid in base["loc"]]
+    before = [base["loc"][it.uid] for it in loc_items]
+    if scorer.task == "seq-cls":
+        labels = scorer.classify([str(it.loc_prompt) for it in loc_items])
+        same = mean([y == b["label"] for y, b in zip(labels, before, strict=True)])
+        return {"loc_tf": same, "loc_em": same}
+    pairs = [(str(it.loc_prompt), str(it.loc_target)) for it in loc_items]
+    forced = scorer.forced(pairs)
+    budgets = [scorer.answer_budget(p, t) for p, t in pairs]
+    texts = scorer.generate([p for p, _ in pairs], budgets)
+    return {
+        "loc_tf": mean(
+            [agreement(f.predicted, b["pred"]) for f, b in zip(forced, before, strict=True)]
+        ),
+        "loc_em": mean(
+            [
+                normalize_answer(first_line(g)) == normalize_answer(first_line(b["text"]))
+                for g, b in zip(texts, before, strict=True)
+            ]
+        ),
+    }
 
 
 def evaluate_state(
@@ -253,6 +464,16 @@ def evaluate_state(
     * ``train_*``/``test_*``: accuracy on the held-out sets; ``trainr_*``/``testr_*``: that
       divided by the unedited model's accuracy.
     * ``ppl``: perplexity of the general text; ``ppl_ratio``: now / unedited.
+
+    Real use (when ``base`` has the unedited model's real-use answers; free greedy answers
+    of up to ``answer_tokens`` tokens, cut at the end of the turn or first sentence):
+
+    * ``rel_chat``/``gen_chat``: the edit's question (its paraphrase) as one user turn of the
+      chat template; right when the normalised target appears, as whole words, in the
+      answer's first sentence. ``rel_q``/``gen_q``: the same for the bare question as text.
+    * ``loc_chat``: share of the unrelated questions whose chat answer's first sentence is
+      unchanged (normalised) from the unedited model's; ``general_same``: the same over
+      the general questions. ``None`` without a chat template.
     """
     by_uid = {it.uid: it for it in data.stream}
     edited = [r for r in records if r["edited"]]
@@ -269,34 +490,14 @@ def evaluate_state(
         [s["tf_exact"] for r, s in zip(edited, rel, strict=True) if r.get("sr_tf_exact")]
     )
     out["er_em"] = mean([s["em"] for r, s in zip(edited, rel, strict=True) if r.get("sr_em")])
-    loc_items = [it for it in items if it.uid in base["loc"]]
-    if scorer.task == "seq-cls":
-        labels = scorer.classify([it.loc_prompt for it in loc_items])  # type: ignore[misc]
-        same = [y == base["loc"][it.uid]["label"] for it, y in zip(loc_items, labels, strict=True)]
-        out["loc_tf"] = out["loc_em"] = mean(same)
-    else:
-        pairs = [(it.loc_prompt, str(it.loc_target)) for it in loc_items]
-        forced = scorer.forced(pairs)  # type: ignore[arg-type]
-        budgets = [scorer.answer_budget(p, t) for p, t in pairs]  # type: ignore[arg-type]
-        texts = scorer.generate([p for p, _ in pairs], budgets)  # type: ignore[misc]
-        out["loc_tf"] = mean(
-            [
-                agreement(f.predicted, base["loc"][it.uid]["pred"])
-                for it, f in zip(loc_items, forced, strict=True)
-            ]
-        )
-        out["loc_em"] = mean(
-            [
-                normalize_answer(first_line(g))
-                == normalize_answer(first_line(base["loc"][it.uid]["text"]))
-                for it, g in zip(loc_items, texts, strict=True)
-            ]
-        )
+    out.update(locality(scorer, items, base))
     for name, held in (("train", data.train_heldout), ("test", data.test_heldout)):
         scores = score_items(scorer, [(it.prompt, it.target) for it in held])
         for key in ("tf", "em"):
             out[f"{name}_{key}"] = mean([s[key] for s in scores])
             out[f"{name}r_{key}"] = ratio(out[f"{name}_{key}"], base[name][key])
+    if "real_use" in base and scorer.task == "causal-lm":
+        out.update(real_use_metrics(scorer, items, base["real_use"]))
     if general and "general" in base:
         g = base["general"]
         out["ppl"] = scorer.perplexity(g["texts"], g["prompts"])
@@ -312,19 +513,13 @@ def make_editor(
     tok: PreTrainedTokenizerBase,
     data: TaskData,
     settings: BenchSettings,
-    state_dir: Path | None = None,
 ) -> Editor:
-    """Build a method's editor; for T-Patcher, from a saved patch when ``state_dir`` has one."""
+    """A method's editor on a fresh model (a checkpoint is loaded into it afterwards)."""
     if method == "tpatcher":
         memory = {"memory_texts": data.memory_texts, "memory_source": data.memory_source}
-        if state_dir is not None and (state_dir / "manifest.json").is_file():
-            return TPatcherEditor(Patcher.load(model, tok, state_dir, **memory))
         return TPatcherEditor(Patcher(model, tok, settings.patcher_config(), **memory))
-    if method not in BASELINES:
-        raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
-    module = importlib.import_module("tpatcher.evaluation.baselines")
-    cls = getattr(module, BASELINES[method])
-    return cls(
+    cls = editor_class(method)
+    return cls(  # type: ignore[call-arg]
         model,
         tok,
         task=data.kind,
@@ -333,45 +528,96 @@ def make_editor(
     )
 
 
-def _safe_edit(editor: Editor, item: EditItem) -> EditOutcome:
+def edit_prompts(
+    item: EditItem, edit_format: str, tok: PreTrainedTokenizerBase
+) -> tuple[str, str | None]:
+    """The edit prompt and its paraphrase in the run's edit format: the template prompts, or
+    the raw questions through the chat template (as the service edits)."""
+    if edit_format == "chat" and item.question:
+        para = item.paraphrase_question
+        return render_chat(tok, item.question), render_chat(tok, para) if para else None
+    return item.prompt, item.paraphrase
+
+
+def other_wordings(item: EditItem, edit_format: str, tok: PreTrainedTokenizerBase) -> list[str]:
+    """The wordings trained with the edit prompt in the ``joint`` format: the question as a
+    chat turn (where the model has a chat template) and as bare text."""
+    if edit_format != "joint" or not item.question or item.question == item.prompt:
+        return []
+    forms = [render_chat(tok, item.question)] if has_chat_template(tok) else []
+    return [*forms, item.question]
+
+
+def _safe_edit(
+    editor: Editor, prompt: str, target: str | int, also: list[str] | None = None
+) -> EditOutcome:
     """An edit that raises (e.g. a too-long input) counts as a failed edit, not a crash."""
     start = time.perf_counter()
     try:
-        return editor.edit(item.prompt, item.target)
+        if also:
+            return editor.edit(prompt, target, also=also)  # type: ignore[call-arg]
+        return editor.edit(prompt, target)
     except Exception as exc:  # noqa: BLE001 - any method's failure is recorded, not fatal
         return EditOutcome(False, time.perf_counter() - start, {"error": repr(exc)})
 
 
-def _save_state(editor: Editor, state_dir: Path) -> dict[str, Any]:
-    """Checkpoint what the editor needs; returns extra fields for progress.json."""
-    if isinstance(editor, TPatcherEditor):
-        editor.patcher.save(state_dir)
-        return {"patcher_counter": editor.patcher._counter}
-    if hasattr(editor, "save_state"):
-        editor.save_state(state_dir)  # type: ignore[attr-defined]
-    return {}
+def _saves_state(editor: Editor) -> bool:
+    return callable(getattr(editor, "save_state", None)) and callable(
+        getattr(editor, "load_state", None)
+    )
 
 
-def _restore(editor: Editor, state_dir: Path, progress: dict[str, Any], data: TaskData) -> None:
-    """Bring a freshly built editor to the checkpoint in ``progress`` (see module docstring)."""
-    records = progress["records"]
-    if isinstance(editor, TPatcherEditor):
-        patcher = editor.patcher
-        keep = {r.get("edit_id") for r in records if r.get("edit_id")}
-        for edit_id in [e.edit_id for e in patcher.edits if e.edit_id not in keep]:
-            patcher.rollback(edit_id)  # saved after the last progress write
-        patcher._counter = int(progress.get("patcher_counter", len(patcher.edits)))
+def _checkpoint(editor: Editor, folder: Path, progress: dict[str, Any]) -> None:
+    """State into a fresh ``state-<items>`` folder, then progress.json naming it, then the
+    older folders deleted: a crash anywhere leaves progress.json naming a whole state that
+    matches its records."""
+    name = f"state-{len(progress['records'])}"
+    if _saves_state(editor) and progress.get("state") != name:
+        target = folder / name
+        shutil.rmtree(target, ignore_errors=True)  # left by a crash before its progress write
+        editor.save_state(target)  # type: ignore[attr-defined]
+        progress["state"] = name
+    _write_json(folder / "progress.json", progress)
+    _remove_states(folder, keep=progress.get("state"))
+
+
+def _remove_states(folder: Path, keep: str | None = None) -> None:
+    """Delete every state folder but ``keep`` (``state`` is the old single-folder layout)."""
+    if not folder.is_dir():
         return
-    if hasattr(editor, "load_state") and (state_dir.exists()):
-        editor.load_state(state_dir)  # type: ignore[attr-defined]
+    for path in folder.iterdir():
+        if path.is_dir() and path.name.startswith("state") and path.name != keep:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _restore(
+    editor: Editor, folder: Path, progress: dict[str, Any], data: TaskData, edit_format: str
+) -> None:
+    """Bring a freshly built editor to the checkpoint in ``progress`` (see module docstring)."""
+    state = progress.get("state")
+    if state and _saves_state(editor) and (folder / state).is_dir():
+        editor.load_state(folder / state)  # type: ignore[attr-defined]
         return
     by_uid = {it.uid: it for it in data.stream}
-    for record in records:
+    for record in progress["records"]:
         if record["edited"]:
-            _safe_edit(editor, by_uid[record["uid"]])
+            item = by_uid[record["uid"]]
+            prompt = edit_prompts(item, edit_format, editor.tokenizer)[0]
+            also = other_wordings(item, edit_format, editor.tokenizer)
+            _safe_edit(editor, prompt, item.target, also)
 
 
 # -- one method --------------------------------------------------------------------------
+def _start(method: str, settings: BenchSettings, folder: Path) -> dict[str, Any]:
+    """The method's progress to continue from, or a fresh one (other settings start over)."""
+    progress = _read_json(folder / "progress.json")
+    key = settings.method_key(method)
+    if not progress or progress.get("key") != key:
+        progress = {"key": key, "method": method, "records": [], "curve": []}
+        _remove_states(folder)
+    return progress
+
+
 def run_method(
     method: str,
     settings: BenchSettings,
@@ -387,38 +633,25 @@ def run_method(
     returns ``{"complete": False, ...}``: a deliberate interruption (tests, time limits).
     """
     folder = Path(settings.out_dir) / method
-    final_path, progress_path, state_dir = (
-        folder / "final.json",
-        folder / "progress.json",
-        folder / "state",
-    )
-    final = _read_json(final_path)
+    final = _read_json(folder / "final.json")
     if final and final.get("key") == settings.method_key(method):
         return final
-    progress = _read_json(progress_path)
-    key = settings.method_key(method)
-    if not progress or progress.get("key") != key:  # a new run, or other settings: start over
-        progress = {"key": key, "method": method, "records": [], "curve": []}
-        shutil.rmtree(state_dir, ignore_errors=True)
+    progress = _start(method, settings, folder)
     model, tok = load_base_model(settings, data.kind)
-    editor = make_editor(method, model, tok, data, settings, state_dir)
+    if settings.edit_format == "chat" and not has_chat_template(tok):
+        raise ValueError("edit_format 'chat' needs a model with a chat template")
+    editor = make_editor(method, model, tok, data, settings)
     if progress["records"]:
-        _restore(editor, state_dir, progress, data)
+        _restore(editor, folder, progress, data, settings.edit_format)
     scorer = _scorer(editor.model, tok, settings, data.kind)
     records: list[dict[str, Any]] = progress["records"]
     done_now = 0
-
-    def checkpoint() -> None:
-        progress.update(_save_state(editor, state_dir))
-        _write_json(progress_path, progress)
-
     for index in range(len(records), len(data.stream)):
         if stop_after is not None and done_now >= stop_after:
-            checkpoint()
+            _checkpoint(editor, folder, progress)
             return {"method": method, "complete": False, "items_done": len(records)}
-        item = data.stream[index]
         scorer.model = editor.model  # an editor may swap in a wrapped model
-        record = _process(editor, scorer, item, index, data.mode)
+        record = _process(editor, scorer, data.stream[index], index, data.mode, settings)
         records.append(record)
         done_now += 1
         if on_item:
@@ -427,8 +660,8 @@ def run_method(
             point = evaluate_state(scorer, data, base, records)
             progress["curve"].append(dict(point, items=index + 1))
         if (index + 1) % max(1, settings.checkpoint_every) == 0:
-            checkpoint()
-    checkpoint()
+            _checkpoint(editor, folder, progress)
+    _checkpoint(editor, folder, progress)
     scorer.model = editor.model
     curve = progress["curve"]
     if curve and curve[-1]["items"] == len(records):  # the last curve point is this state
@@ -437,23 +670,31 @@ def run_method(
         metrics = evaluate_state(scorer, data, base, records)
         curve.append(dict(metrics, items=len(records)))
     final = summarize(method, editor, records, metrics, curve, settings)
-    _write_json(final_path, final)
+    _write_json(folder / "final.json", final)
     return final
 
 
 def _process(
-    editor: Editor, scorer: Scorer, item: EditItem, index: int, mode: str
+    editor: Editor,
+    scorer: Scorer,
+    item: EditItem,
+    index: int,
+    mode: str,
+    settings: BenchSettings,
 ) -> dict[str, Any]:
-    """Check one stream item against the current model, edit it if due, score SR/GR."""
+    """Check one stream item against the current model, edit it if due, score SR/GR (in the
+    run's edit format)."""
+    prompt, paraphrase = edit_prompts(item, settings.edit_format, scorer.tokenizer)
     record: dict[str, Any] = {"index": index, "uid": item.uid, "target": item.target}
     if mode == "mistakes":
-        record["mistake"] = not _right(scorer, item)
+        record["mistake"] = not _right(scorer, prompt, item.target)
     else:
         record["mistake"] = True
     record["edited"] = record["mistake"]
     if not record["edited"]:
         return record
-    outcome = _safe_edit(editor, item)
+    also = other_wordings(item, settings.edit_format, scorer.tokenizer)
+    outcome = _safe_edit(editor, prompt, item.target, also)
     details = outcome.details
     record.update(
         success=bool(outcome.success),
@@ -461,9 +702,9 @@ def _process(
         edit_id=details.get("edit_id"),
         message=details.get("message") or details.get("error") or "",
     )
-    pairs = [(item.prompt, item.target)]
-    if item.paraphrase:
-        pairs.append((item.paraphrase, item.target))
+    pairs = [(prompt, item.target)]
+    if paraphrase:
+        pairs.append((paraphrase, item.target))
     scores = score_items(scorer, pairs)
     record.update(sr_tf=scores[0]["tf"], sr_tf_exact=scores[0]["tf_exact"], sr_em=scores[0]["em"])
     record["output"] = scores[0]["output"]
@@ -472,11 +713,11 @@ def _process(
     return record
 
 
-def _right(scorer: Scorer, item: EditItem) -> bool:
-    """Whether the current model gets ``item`` right (teacher-forced, all tokens; or label)."""
+def _right(scorer: Scorer, prompt: str, target: str | int) -> bool:
+    """Whether the current model gets ``prompt`` right (teacher-forced, all tokens; or label)."""
     if scorer.task == "seq-cls":
-        return scorer.classify([item.prompt])[0] == item.target
-    return scorer.forced([(item.prompt, str(item.target))])[0].exact
+        return scorer.classify([prompt])[0] == target
+    return scorer.forced([(prompt, str(target))])[0].exact
 
 
 def summarize(
@@ -516,6 +757,31 @@ def summarize(
 
 
 # -- the whole benchmark -----------------------------------------------------------------
+def _base(settings: BenchSettings, data: TaskData, status: Callable[[str], None]) -> dict:
+    """``base.json``: the unedited model's outputs, computed where missing or stale (the
+    real-use part on its own key). Without ``real_use`` that part is left out here."""
+    path = Path(settings.out_dir) / "base.json"
+    base = _read_json(path)
+    need_base = not base or base.get("key") != settings.key()
+    real_use = settings.real_use and data.kind == "causal-lm"
+    need_real = real_use and (
+        need_base or (base.get("real_use") or {}).get("key") != settings.real_use_key()
+    )
+    if need_base or need_real:
+        status("evaluating the unedited model")
+        model, tok = load_base_model(settings, data.kind)
+        scorer = _scorer(model, tok, settings, data.kind)
+        if need_base:
+            base = base_outputs(scorer, data, settings)
+        if need_real:
+            base["real_use"] = base_real_use(scorer, data, settings)
+        _write_json(path, base)
+        del model, scorer
+    if not real_use:
+        base = {k: v for k, v in base.items() if k != "real_use"}
+    return base
+
+
 def run_benchmark(
     settings: BenchSettings,
     *,
@@ -526,12 +792,9 @@ def run_benchmark(
 ) -> dict[str, Any]:
     """Run every method of ``settings`` (resuming what ``out_dir`` holds) and write
     ``results.json`` and the plots. Returns the results."""
-    for method in settings.methods:
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    settings.validate()
     status = on_status or (lambda _msg: None)
     out = Path(settings.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     data = load_task(
         settings.task,
         settings.data_dir,
@@ -541,13 +804,8 @@ def run_benchmark(
         heldout=settings.heldout,
         memory_records=settings.memory_records,
     )
-    base = _read_json(out / "base.json")
-    if not base or base.get("key") != settings.key():
-        status("evaluating the unedited model")
-        model, tok = load_base_model(settings, data.kind)
-        base = base_outputs(_scorer(model, tok, settings, data.kind), data, settings)
-        _write_json(out / "base.json", base)
-        del model
+    out.mkdir(parents=True, exist_ok=True)
+    base = _base(settings, data, status)
     results: dict[str, Any] = {
         "settings": asdict(settings),
         "task": {
@@ -559,6 +817,8 @@ def run_benchmark(
             "test_heldout": len(data.test_heldout),
             "memory_source": data.memory_source,
             "general_text": base.get("general", {}).get("source"),
+            "general_questions": (base.get("real_use") or {}).get("general", {}).get("source"),
+            "edit_format": settings.edit_format,
             **data.notes,
         },
         "base": {k: base[k] for k in ("train", "test")},

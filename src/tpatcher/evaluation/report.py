@@ -7,7 +7,8 @@ from typing import Any
 
 from rich.table import Table
 
-#: (column title, key in a method's summary); ``*_tf`` = teacher-forced, ``*_em`` = exact match
+#: (column title, key in a method's summary); ``*_tf`` = teacher-forced, ``*_em`` = exact match,
+#: ``*_chat`` = free answer through the chat template, ``*_q`` = free answer to the bare question
 COLUMNS = (
     ("items", "items"),
     ("edits", "edits"),
@@ -23,6 +24,12 @@ COLUMNS = (
     ("Gen em", "gen_em"),
     ("Loc tf", "loc_tf"),
     ("Loc em", "loc_em"),
+    ("Rel chat", "rel_chat"),
+    ("Gen chat", "gen_chat"),
+    ("Loc chat", "loc_chat"),
+    ("Rel q", "rel_q"),
+    ("Gen q", "gen_q"),
+    ("General same", "general_same"),
     ("TrainR tf", "trainr_tf"),
     ("TrainR em", "trainr_em"),
     ("TestR tf", "testr_tf"),
@@ -62,8 +69,8 @@ def results_table(results: dict[str, Any]) -> Table:
 
 def markdown_table(results: dict[str, Any]) -> str:
     """The same table as :func:`results_table`, as GitHub Markdown (for BENCHMARKS.md), with
-    the average of Rel, Gen and Loc (teacher-forced and exact match; over the parts that are
-    defined) and the device added."""
+    the average of Rel, Gen and Loc (teacher-forced, exact match and chat; over the parts
+    that are defined) and the device added."""
     methods = results.get("methods", {})
     rows = [["metric", *methods], ["---"] * (len(methods) + 1)]
     for title, key in COLUMNS:
@@ -74,7 +81,7 @@ def markdown_table(results: dict[str, Any]) -> str:
                 for summary in methods.values()
             ]
         )
-    for kind in ("tf", "em"):
+    for kind in ("tf", "em", "chat"):
         averages = []
         for summary in methods.values():
             parts = [summary.get(f"{m}_{kind}") for m in ("rel", "gen", "loc")]

@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
+from .limits import MAX_TOKENS_LIMIT
+
 #: Longest prompt (characters) accepted for generation or editing.
 MAX_PROMPT_CHARS = 16_000
 #: Longest edit target (characters).
@@ -23,8 +25,6 @@ MAX_BATCH = 32
 #: Most stop sequences, and the longest one (as in the OpenAI API).
 MAX_STOP = 4
 MAX_STOP_CHARS = 64
-#: Upper bound on ``max_tokens``; the server may lower it (``--max-tokens``).
-MAX_TOKENS_LIMIT = 4096
 
 NonEmptyText = Annotated[str, StringConstraints(min_length=1, max_length=MAX_PROMPT_CHARS)]
 StopText = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
@@ -50,12 +50,23 @@ def _stop_list(stop: str | list[StopText] | None) -> list[str]:
     return [stop] if isinstance(stop, str) else list(stop)
 
 
+class StreamOptions(BaseModel):
+    """``stream_options``: ``include_usage`` adds a last chunk with the token counts."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = False
+
+
 class _GenerationBody(_OpenAIBody):
     model: Annotated[str, StringConstraints(min_length=1, max_length=256)]
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    temperature: float = Field(
+        1.0, ge=0.0, le=2.0, description="below 1e-5 (0 included) the reply is greedy"
+    )
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=1, description="only one choice per request is supported")
     stream: bool = False
+    stream_options: StreamOptions | None = None
     stop: (
         Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
         | Annotated[list[StopText], Field(max_length=MAX_STOP)]
@@ -65,6 +76,10 @@ class _GenerationBody(_OpenAIBody):
     @property
     def stop_list(self) -> list[str]:
         return _stop_list(self.stop)
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
 
 
 class CompletionRequest(_GenerationBody):
@@ -139,7 +154,11 @@ class EditBatchResponse(BaseModel):
 
 
 class EditInfo(BaseModel):
-    """A stored edit and its provenance, as in the store's manifest."""
+    """A stored edit and its provenance, as in the store's manifest.
+
+    ``acknowledged`` is false for an edit that was written durably (and is served) but whose
+    response was never sent: the service stopped, or the client went away, in between.
+    """
 
     model_config = ConfigDict(extra="allow")
 
@@ -151,6 +170,7 @@ class EditInfo(BaseModel):
     steps: int
     seconds: float
     sha256: str | None = None
+    acknowledged: bool = True
 
 
 class EditList(BaseModel):
@@ -167,12 +187,37 @@ class DeletedEdit(BaseModel):
     deleted: bool = True
 
 
+class CompareRequest(BaseModel):
+    """``POST /v1/compare``: greedy completions by the patched and the unpatched model.
+    ``messages``, when given, are rendered with the chat template and ``prompt`` is ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: Annotated[str, StringConstraints(max_length=MAX_PROMPT_CHARS)] = ""
+    max_tokens: int = Field(32, ge=1, le=MAX_TOKENS_LIMIT)
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)] | None = (
+        None
+    )
+
+    @model_validator(mode="after")
+    def _has_input(self) -> CompareRequest:
+        if self.messages is None and not self.prompt.strip():
+            raise ValueError("give a non-blank 'prompt' or chat 'messages'")
+        return self
+
+
+class CompareResponse(BaseModel):
+    patched: str
+    base: str
+
+
 class ErrorBody(BaseModel):
     message: str
     type: str
     param: str | None = None
     code: str | None = None
     detail: list[dict[str, Any]] | None = None
+    limit: float | None = None
 
 
 class ErrorResponse(BaseModel):
