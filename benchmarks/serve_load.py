@@ -7,11 +7,16 @@ whether an edit was training when they started, which is the latency cost of an 
 flight. Prints a markdown table and the machine.
 
 ``--threads`` is passed to ``tpatcher serve --threads`` (torch CPU threads; 0 = the
-server's default, half the cores) and ``--busy N`` runs N CPU-bound processes during both
-phases, as on a shared machine:
+server's default, half the cores), ``--max-batch`` to ``serve --max-batch`` (completions
+decoded together), and ``--busy N`` runs N CPU-bound processes during both phases, as on a
+shared machine. With ``--edits 0`` only the first phase runs. ``--generate-baseline`` then
+times plain ``model.generate`` on the same prompts in this process (same torch threads):
+the floor for one client's latency.
 
     python benchmarks/serve_load.py --clients 4 --duration 20 --edits 3
     python benchmarks/serve_load.py --clients 2 --duration 15 --edits 1 --busy 1 --threads 1
+    python benchmarks/serve_load.py --clients 8 --max-tokens 32 --edits 0 --threads 1 \\
+        --generate-baseline
 """
 
 from __future__ import annotations
@@ -56,15 +61,18 @@ class Sample:
     start: float
     seconds: float
     ok: bool
+    tokens: int = 0
 
 
-def start_server(work: Path, port: int, threads: int, workers: int) -> subprocess.Popen[bytes]:
+def start_server(
+    work: Path, port: int, threads: int, workers: int, max_batch: int
+) -> subprocess.Popen[bytes]:
     memory = work / "memory.txt"
     memory.write_text("\n".join(MEMORY) + "\n")
     cmd = [sys.executable, "-m", "tpatcher.server", "--store", str(work / "store")]
     cmd += ["--model", MODEL, "--port", str(port), "--memory-file", str(memory)]
     cmd += ["--log-level", "warning", "--threads", str(threads)]
-    cmd += ["--generation-workers", str(workers)]
+    cmd += ["--generation-workers", str(workers), "--max-batch", str(max_batch)]
     env = dict(os.environ, TPATCHER_EDIT_TOKEN=TOKEN)
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -96,11 +104,14 @@ def client_loop(url: str, stop_at: float, max_tokens: int, out: list[Sample], se
             body = {"model": MODEL, "prompt": PROMPTS[i % len(PROMPTS)], "temperature": 0}
             body["max_tokens"] = max_tokens
             t0 = time.monotonic()
+            tokens = 0
             try:
-                ok = client.post("/v1/completions", json=body).status_code == 200
+                r = client.post("/v1/completions", json=body)
+                ok = r.status_code == 200
+                tokens = r.json()["usage"]["completion_tokens"] if ok else 0
             except httpx.HTTPError:
                 ok = False
-            out.append(Sample(t0, time.monotonic() - t0, ok))
+            out.append(Sample(t0, time.monotonic() - t0, ok, tokens))
             i += 1
 
 
@@ -153,11 +164,39 @@ def row(name: str, samples: list[Sample], seconds: float) -> str:
     lat = sorted(s.seconds for s in samples if s.ok)
     errors = sum(not s.ok for s in samples)
     if not lat:
-        return f"| {name} | {len(samples)} | - | - | - | {errors} |"
+        return f"| {name} | {len(samples)} | - | - | - | - | {errors} |"
     p50 = statistics.median(lat)
     p99 = lat[min(len(lat) - 1, round(0.99 * (len(lat) - 1)))]
     rps = f"{len(samples) / seconds:.2f}" if seconds else "-"
-    return f"| {name} | {len(samples)} | {rps} | {p50 * 1000:.0f} | {p99 * 1000:.0f} | {errors} |"
+    tps = f"{sum(s.tokens for s in samples) / seconds:.1f}" if seconds else "-"
+    cells = f"{rps} | {tps} | {p50 * 1000:.0f} | {p99 * 1000:.0f}"
+    return f"| {name} | {len(samples)} | {cells} | {errors} |"
+
+
+def generate_baseline(threads: int, max_tokens: int, repeats: int = 3) -> str:
+    """Median seconds of plain greedy ``model.generate`` per prompt, as the server runs it."""
+    import torch
+
+    from tpatcher import load_model
+
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // 2))
+    model, tok = load_model(MODEL)
+    model.eval()
+    times, tokens = [], []
+    with torch.no_grad():
+        for prompt in PROMPTS * repeats:
+            enc = tok(prompt, return_tensors="pt")
+            t0 = time.monotonic()
+            out = model.generate(
+                **enc, max_new_tokens=max_tokens, do_sample=False, pad_token_id=tok.eos_token_id
+            )
+            times.append(time.monotonic() - t0)
+            tokens.append(out.shape[1] - enc["input_ids"].shape[1])
+    p50 = statistics.median(times)
+    return (
+        f"plain model.generate ({torch.get_num_threads()} threads): p50 {p50 * 1000:.0f} ms "
+        f"for {statistics.median(tokens):.0f} tokens, {sum(tokens) / sum(times):.1f} tok/s"
+    )
 
 
 def main() -> None:
@@ -170,7 +209,11 @@ def main() -> None:
     parser.add_argument("--token", default=TOKEN, help="edit token of --url's server")
     parser.add_argument("--threads", type=int, default=0, help="serve --threads (0: default)")
     parser.add_argument("--workers", type=int, default=4, help="serve --generation-workers")
+    parser.add_argument("--max-batch", type=int, default=8, help="serve --max-batch")
     parser.add_argument("--busy", type=int, default=0, help="CPU-bound processes alongside")
+    parser.add_argument(
+        "--generate-baseline", action="store_true", help="also time plain model.generate"
+    )
     args = parser.parse_args()
     duration = min(args.duration, 300.0)
     edits = max(0, min(args.edits, len(EDITS)))
@@ -186,15 +229,19 @@ def main() -> None:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         url = f"http://127.0.0.1:{port}"
-        proc = start_server(Path(tmp.name), port, args.threads, args.workers)
+        proc = start_server(Path(tmp.name), port, args.threads, args.workers, args.max_batch)
     busy: list[subprocess.Popen[bytes]] = []
     try:
         wait_ready(url, proc)
         busy = start_busy(max(0, min(args.busy, 64)))
         base, _, _ = run_phase(url, args.clients, duration, args.max_tokens, 0, args.token)
-        loaded, windows, ids = run_phase(
-            url, args.clients, duration, args.max_tokens, edits, args.token
-        )
+        loaded: list[Sample] = []
+        windows: list[tuple[float, float]] = []
+        ids: list[str] = []
+        if edits:
+            loaded, windows, ids = run_phase(
+                url, args.clients, duration, args.max_tokens, edits, args.token
+            )
         with httpx.Client(base_url=url, timeout=60) as client:  # leave the store as found
             for edit_id in ids:
                 client.delete(
@@ -220,18 +267,22 @@ def main() -> None:
         f"{os.cpu_count()} CPUs, Python {platform.python_version()}"
     )
     print(
-        f"serve --threads {args.threads} --generation-workers {args.workers}, "
+        f"serve --threads {args.threads} --generation-workers {args.workers} "
+        f"--max-batch {args.max_batch}, "
         f"{args.busy} busy processes alongside; "
         f"{args.clients} clients, {duration:.0f} s per phase, max_tokens={args.max_tokens}, "
         f"{len(windows)} edits ({len(ids)} stored), edit wall time {edit_seconds:.1f} s "
         f"(mean {edit_seconds / max(1, len(windows)):.1f} s)\n"
     )
-    print("| phase | requests | req/s | p50 ms | p99 ms | errors |")
-    print("|---|---|---|---|---|---|")
+    print("| phase | requests | req/s | tok/s | p50 ms | p99 ms | errors |")
+    print("|---|---|---|---|---|---|---|")
     print(row("no edits", base, duration))
-    print(row("with edits (all)", loaded, duration))
-    print(row("  started while an edit trained", during, 0))
-    print(row("  started with no edit in flight", outside, 0))
+    if edits:
+        print(row("with edits (all)", loaded, duration))
+        print(row("  started while an edit trained", during, 0))
+        print(row("  started with no edit in flight", outside, 0))
+    if args.generate_baseline:
+        print("\n" + generate_baseline(args.threads, args.max_tokens))
 
 
 if __name__ == "__main__":

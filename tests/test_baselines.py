@@ -1,4 +1,4 @@
-"""Tests for the baseline editors (FT-L, FT+KL, GRACE).
+"""Tests for the baseline editors (FT-L, FT+KL, grace-tokens: the per-token GRACE variant).
 
 The behaviour that matters is tested on the real SmolLM2-135M with real CounterFact edits
 (read from the shared data folder, skipped when it is absent); every architecture's tail and
@@ -19,7 +19,7 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from tpatcher import InvalidEditError, Patcher, load_model
 from tpatcher.encoding import encode_edit
-from tpatcher.evaluation.baselines import FTEditor, FTKLEditor, GraceEditor
+from tpatcher.evaluation.baselines import FTEditor, FTKLEditor, GraceTokensEditor
 
 DATA = Path(os.environ.get("TPATCHER_DATA", Path(__file__).parents[2] / "shared" / "data"))
 COUNTERFACT = DATA / "counterfact" / "counterfact-edit-1k.json"
@@ -155,7 +155,7 @@ def test_grace_real_edits_exact_locality_and_generation(records: list[dict]) -> 
     weights = {k: v.clone() for k, v in model.model.layers[-1].mlp.state_dict().items()}
     unrelated = ["The weather in Paris today is", records[30]["locality_prompt"]]
     base = last_logits(model, tok, unrelated)
-    editor = GraceEditor(model, tok, task="causal-lm")
+    editor = GraceTokensEditor(model, tok, task="causal-lm")
     edits = [(r["prompt"], r["target_new"]) for r in records[:2]]
     for prompt, target in edits:
         outcome = editor.edit(prompt, target)
@@ -184,7 +184,7 @@ def test_grace_real_edits_exact_locality_and_generation(records: list[dict]) -> 
 
 def test_grace_codebook_rules() -> None:
     model, tok = make_model("llama"), make_tokenizer("llama")
-    editor = GraceEditor(model, tok, task="causal-lm", eps_init=1.0)
+    editor = GraceTokensEditor(model, tok, task="causal-lm", eps_init=1.0)
     d = 64
     key = torch.zeros(d)
     value = torch.ones(d)
@@ -214,7 +214,7 @@ def test_grace_codebook_rules() -> None:
 
 
 @pytest.mark.parametrize("kind", ARCHITECTURES)
-@pytest.mark.parametrize("cls", [FTEditor, GraceEditor])
+@pytest.mark.parametrize("cls", [FTEditor, GraceTokensEditor])
 def test_tiny_architectures(kind: str, cls: type) -> None:
     model, tok = make_model(kind), make_tokenizer(kind)
     task = TASK_OF.get(kind, "causal-lm")
@@ -270,7 +270,7 @@ def test_ft_kl_tiny_classifier_with_minilm_tokenizer() -> None:
     assert outcome.success, outcome.details
     with torch.no_grad():
         assert int(model(**tok(text, return_tensors="pt")).logits.argmax(-1)) == label
-    grace = GraceEditor(model, tok, task="seq-cls")
+    grace = GraceTokensEditor(model, tok, task="seq-cls")
     assert grace.edit(text, 1 - label).success
     grace.close()
 
@@ -287,7 +287,7 @@ def test_errors() -> None:
         with pytest.raises(ValueError):
             editor.edit(prompt, target)
     with pytest.raises(InvalidEditError):
-        GraceEditor(model, tok, task="causal-lm").edit("", "paris")
+        GraceTokensEditor(model, tok, task="causal-lm").edit("", "paris")
     with pytest.raises(TypeError, match="no setting"):
         FTEditor(model, tok, task="causal-lm", learning_rate=1.0)
     with pytest.raises(ValueError, match="does not match"):

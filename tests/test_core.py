@@ -18,7 +18,6 @@ from tpatcher import (
     UnsupportedModelError,
 )
 from tpatcher.config import neuron_activation_from_word
-from tpatcher.memory import ffn_inputs
 
 PROMPT = "the capital of france is"
 OTHER = ["the weather today is good", "who wrote the famous novel", "the cat sleeps in the house"]
@@ -139,7 +138,7 @@ def test_cached_and_full_loops_give_the_same_neurons(kind: str) -> None:
         patcher = Patcher(model, make_tokenizer(kind), settings, memory_texts=MEMORY_TEXTS)
         result = patcher.edit(*edit_args(patcher))
         assert result.success, (loop, result.message)
-        return result.steps, patcher._layer.state
+        return result.steps, patcher.neurons
 
     steps, cached = run("cached")
     _, full = run("full", max_steps=steps, early_stop=False)
@@ -233,10 +232,10 @@ def test_failed_edit_leaves_no_neurons() -> None:
 def test_bad_generation_input_is_refused_and_changes_nothing(prompt, target, message) -> None:
     patcher = make_patcher("llama")
     assert patcher.edit(PROMPT, "berlin").success
-    state = patcher._layer.state
+    state = patcher.neurons
     with pytest.raises(InvalidEditError, match=message):
         patcher.edit(prompt, target)
-    assert patcher._layer.state is state and len(patcher.edits) == 1
+    assert patcher.neurons is state and len(patcher.edits) == 1
 
 
 def test_target_that_tokenises_to_nothing_is_refused() -> None:
@@ -358,11 +357,11 @@ def test_relu_neurons_are_exactly_silent_below_zero_and_survive_save_load(tmp_pa
     assert (patcher.activation, patcher.ffn_activation) == ("relu", "silu")
     result = patcher.edit(*edit_args(patcher))
     assert result.success, result.message
-    q = ffn_inputs(patcher._site, patcher.tokenizer, OTHER + MEMORY_TEXTS)
-    state = patcher._layer.state
+    q = patcher.ffn_inputs(OTHER + MEMORY_TEXTS)
+    state = patcher.neurons
     silent = (q @ state.keys.T <= 0).all(dim=1)
     assert silent.any()
-    assert torch.equal(patcher._layer.committed_output(q[silent]), torch.zeros_like(q[silent]))
+    assert torch.equal(patcher.patch_output(q[silent]), torch.zeros_like(q[silent]))
     expected = logits(patcher, PROMPT)
     patcher.save(tmp_path)
     loaded = Patcher.load(make_model("llama"), make_tokenizer("llama"), tmp_path)
@@ -410,13 +409,20 @@ def test_load_refuses_a_config_whose_neurons_differ_from_the_saved_ones(tmp_path
     assert Patcher.load(model, tok, tmp_path).activation == "relu"
 
 
-def test_merge_refuses_neurons_with_another_activation() -> None:
-    patcher = make_patcher("llama", neuron_activation="relu")
+def test_merge_folds_relu_neurons_and_refuses_what_the_ffn_cannot_make() -> None:
+    patcher = make_patcher("llama", neuron_activation="relu")  # on a SiLU FFN: a scaled gate
     assert patcher.edit(*edit_args(patcher)).success
-    before = logits(patcher, PROMPT)
+    before = {t: logits(patcher, t) for t in [PROMPT, *OTHER]}
+    merged = patcher.merge()
+    for text, expected in before.items():
+        enc = patcher.tokenizer(text, return_tensors="pt")
+        with torch.no_grad():
+            assert torch.allclose(merged(**enc).logits, expected, atol=1e-3)
+    tanh = make_patcher("llama", neuron_activation="tanh")
+    assert tanh.edit(*edit_args(tanh)).success
     with pytest.raises(UnsupportedModelError, match="cannot be folded"):
-        patcher.merge()
-    assert torch.equal(logits(patcher, PROMPT), before)  # the patch is still attached
+        tanh.merge()
+    assert torch.equal(logits(patcher, PROMPT), before[PROMPT])  # the patch is still attached
 
 
 def test_config_rejects_nonsense() -> None:

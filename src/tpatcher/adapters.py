@@ -123,7 +123,6 @@ class ArchitectureAdapter:
     norm: str | None
     # logits from the last block's output; ``rows`` restricts them to part of the vocabulary
     head: Callable[[PreTrainedModel, torch.Tensor, VocabRows | None], torch.Tensor]
-    merge_note: str = ""
 
     @property
     def gated(self) -> bool:
@@ -171,8 +170,6 @@ _LLAMA_LIKE = dict(
     capture="",
     norm=None,
     head=_llama_logits,
-    merge_note="the merged model runs in memory; its last layer is wider than "
-    "config.intermediate_size, so save_pretrained/from_pretrained cannot round-trip it",
 )
 
 ADAPTERS: tuple[ArchitectureAdapter, ...] = (
@@ -205,8 +202,6 @@ ADAPTERS: tuple[ArchitectureAdapter, ...] = (
         capture="",
         norm=None,
         head=_gpt2_logits,
-        merge_note="the merged model runs in memory; config.n_inner no longer describes "
-        "its last layer",
     ),
     ArchitectureAdapter(
         name="t5",
@@ -223,8 +218,6 @@ ADAPTERS: tuple[ArchitectureAdapter, ...] = (
         capture="layer.-1",
         norm=None,
         head=_t5_logits,
-        merge_note="the merged model runs in memory; config.d_ff no longer describes "
-        "its last decoder layer",
     ),
     ArchitectureAdapter(
         name="t5-gated",
@@ -241,8 +234,6 @@ ADAPTERS: tuple[ArchitectureAdapter, ...] = (
         capture="layer.-1",
         norm=None,
         head=_t5_logits,
-        merge_note="the merged model runs in memory; config.d_ff no longer describes "
-        "its last decoder layer",
     ),
     ArchitectureAdapter(
         name="bart",
@@ -259,8 +250,6 @@ ADAPTERS: tuple[ArchitectureAdapter, ...] = (
         capture="final_layer_norm",
         norm="final_layer_norm",
         head=_bart_logits,
-        merge_note="the merged model runs in memory; config.decoder_ffn_dim no longer "
-        "describes its last decoder layer",
     ),
     ArchitectureAdapter(
         name="bert",
@@ -277,8 +266,6 @@ ADAPTERS: tuple[ArchitectureAdapter, ...] = (
         capture="output.LayerNorm",
         norm="output.LayerNorm",
         head=_bert_logits,
-        merge_note="the merged model runs in memory; config.intermediate_size no longer "
-        "describes its last layer",
     ),
 )
 

@@ -1,4 +1,4 @@
-"""The ``tpatcher`` command: demo, edit, generate, info, bench and serve."""
+"""The ``tpatcher`` command: demo, edit, generate, info, bench, export and serve."""
 
 from __future__ import annotations
 
@@ -296,9 +296,11 @@ def _print_demo(rows: list, asker: _DemoAsker, controls: dict[str, str]) -> None
 
 def _register_optional_commands() -> None:
     from .evaluation.command import bench
+    from .export import export
     from .server.command import serve
 
     app.command("bench")(bench)
+    app.command("export")(export)
     app.command("serve")(serve)
 
 

@@ -91,7 +91,8 @@ class PatcherConfig:
             form, and what :meth:`~tpatcher.Patcher.merge` needs). ``"relu"`` makes a neuron
             exactly silent wherever its pre-activation is below zero, whereas SiLU and GELU
             neurons still emit their small negative tails on text the memory bank does not
-            cover; a ReLU patch on a SiLU or GELU FFN cannot be merged. Any other name in
+            cover; :meth:`~tpatcher.Patcher.merge` folds a ReLU patch into a SiLU or GELU FFN
+            through a scaled gate (within 1e-3 of the patched logits). Any other name in
             ``transformers.activations.ACT2FN`` is accepted too.
         memory_size: Most FFN-input vectors kept in the default memory bank.
         include_default_memory: With memory texts of your own, also keep the default bank

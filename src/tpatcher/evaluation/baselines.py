@@ -1,4 +1,4 @@
-"""Baseline editors the harness compares Transformer-Patcher with: FT-L, FT+KL and GRACE.
+"""Baseline editors the harness compares Transformer-Patcher with: FT-L, FT+KL, grace-tokens.
 
 All three edit the same place T-Patcher does, the last FFN (:class:`~tpatcher.ffn_site.FFNSite`),
 and train on the same tokens (:func:`~tpatcher.encoding.encode_edit`, as
@@ -16,8 +16,10 @@ The library and every baseline share this one replay.
   ROME, appendix "FT-L"; Zhu et al. 2020 for the norm constraint).
 * :class:`FTKLEditor` - FT+KL: the same plus a KL penalty to the unedited model on
   locality text (the FT+KL baseline of Huang et al. 2023 and Mitchell et al. 2022).
-* :class:`GraceEditor` - GRACE: a discrete key-value codebook with deferral radii at the
-  last FFN (Hartvigsen et al., NeurIPS 2023, "Aging with GRACE").
+* :class:`GraceTokensEditor` - ``grace-tokens``: tpatcher's per-token variant of GRACE (a
+  discrete key-value codebook with deferral radii, Hartvigsen et al., NeurIPS 2023, "Aging
+  with GRACE") at the last FFN. It is not the reference; GRACE in the reference's form is
+  :class:`tpatcher.evaluation.grace.GraceEditor` (method ``grace``).
 """
 
 from __future__ import annotations
@@ -43,8 +45,8 @@ __all__ = [
     "FTKLEditor",
     "FTKLSettings",
     "FTSettings",
-    "GraceEditor",
-    "GraceSettings",
+    "GraceTokensEditor",
+    "GraceTokensSettings",
 ]
 
 
@@ -347,8 +349,8 @@ class FTKLEditor(FTEditor):
 
 
 @dataclass
-class GraceSettings(_Settings):
-    """GRACE settings (the paper's defaults where it has one).
+class GraceTokensSettings(_Settings):
+    """``grace-tokens`` settings (the GRACE paper's defaults where it has one).
 
     Attributes:
         eps_init: Deferral radius of a new key, in Euclidean distance between last-FFN
@@ -368,8 +370,11 @@ class GraceSettings(_Settings):
     expand: Literal["coverage", "moving_average"] = "coverage"
 
 
-class GraceEditor(_SiteEditor):
-    """GRACE: a codebook of (key, value, radius) entries that replaces the last FFN's output.
+class GraceTokensEditor(_SiteEditor):
+    """``grace-tokens``: tpatcher's per-token variant of GRACE at the last FFN, not the
+    reference (that is :class:`tpatcher.evaluation.grace.GraceEditor`, method ``grace``).
+
+    A codebook of (key, value, radius) entries that replaces the last FFN's output.
 
     Keys are last-FFN inputs; a position whose input lies within an entry's radius of its
     key (the nearest key is the one checked) gets that entry's value as the FFN output;
@@ -384,9 +389,9 @@ class GraceEditor(_SiteEditor):
     single-token target or a classifier this is exactly the paper's method.
     """
 
-    name = "grace"
-    settings_class = GraceSettings
-    config: GraceSettings
+    name = "grace-tokens"
+    settings_class = GraceTokensSettings
+    config: GraceTokensSettings
 
     def __init__(
         self,

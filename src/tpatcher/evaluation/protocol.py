@@ -63,7 +63,8 @@ from .metrics import (
 EDITORS = {
     "ft": "tpatcher.evaluation.baselines:FTEditor",
     "ftkl": "tpatcher.evaluation.baselines:FTKLEditor",
-    "grace": "tpatcher.evaluation.baselines:GraceEditor",
+    "grace": "tpatcher.evaluation.grace:GraceEditor",
+    "grace-tokens": "tpatcher.evaluation.baselines:GraceTokensEditor",
     "wise": "tpatcher.evaluation.wise:WiseEditor",
     "memoir": "tpatcher.evaluation.memoir:MemoirEditor",
 }

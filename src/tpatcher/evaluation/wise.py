@@ -347,7 +347,8 @@ class HookedEditor(Editor):
             self._call_mask = mask[:, -length:].bool()
         else:
             self._call_mask = torch.ones(batch, length, dtype=torch.bool)
-        cache = kwargs.get("past_key_values")
+        # recent transformers pass the KV cache as ``cache``, older ones as ``past_key_values``
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
         seen = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
         self._continuing = bool(seen)
 

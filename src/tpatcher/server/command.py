@@ -62,7 +62,13 @@ def default_threads(cores: int | None = None) -> int:
 MaxTokens = Annotated[
     int, typer.Option(min=1, max=MAX_TOKENS_LIMIT, help="Cap on max_tokens per request.")
 ]
-Workers = Annotated[int, typer.Option(min=1, max=64, help="Generation requests run at once.")]
+Workers = Annotated[
+    int, typer.Option(min=1, max=64, help="Threads for /v1/compare (its generations run apart).")
+]
+MaxBatch = Annotated[
+    int,
+    typer.Option(min=1, max=256, help="Completions decoded together, sharing each forward pass."),
+]
 Threads = Annotated[
     int,
     typer.Option(
@@ -127,6 +133,7 @@ def serve(
     ] = None,
     max_tokens: MaxTokens = 512,
     generation_workers: Workers = 4,
+    max_batch: MaxBatch = 8,
     threads: Threads = 0,
     edit_timeout: EditTimeout = 300.0,
     max_edit_tokens: MaxEditTokens = 256,
@@ -170,6 +177,7 @@ def serve(
         generation_workers=generation_workers,
         limits=limits,
     )
+    app.state.service.generator.max_batch = max_batch  # read when the service starts
     uvicorn.run(app, host=host, port=port, log_level=log_level.lower())
 
 

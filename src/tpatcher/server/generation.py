@@ -1,10 +1,12 @@
 """All of the service's text generation, behind one class (:class:`Generator`).
 
-Generation runs in a small thread pool, never on the event loop. The patched model is a
-plain HF model whose published neurons are an immutable state that an edit swaps in whole,
-so a forward pass sees a new edit all or nothing. A batched implementation can replace
-:class:`Generator` as long as it keeps :meth:`~Generator.complete`,
-:meth:`~Generator.stream` and :meth:`~Generator.compare`.
+Completions and streams of a decoder-only model are batched: concurrent requests share
+forward passes on one scheduler thread (:mod:`.batching`), each with its own sampling
+settings, stop strings and cancellation. The patched model is a plain HF model whose
+published neurons are an immutable state that an edit swaps in whole, and each decoding
+step is one forward pass over the whole batch, so every running request sees a new edit
+from the same step on. ``compare`` (whose base-model half is private to its thread) and
+encoder-decoder models run ``generate`` on a small thread pool instead.
 
 Prompts are tokenised by :func:`tpatcher.encoding.encode_prompt` (which also refuses a
 prompt that does not fit the context), exactly as edits are.
@@ -13,6 +15,7 @@ prompt that does not fit the context), exactly as edits are.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -26,10 +29,13 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 from tpatcher.encoding import ContextLengthError, encode_prompt
 from tpatcher.patcher import Patcher
 
+from .batching import MIN_TEMPERATURE, Job, Outcome, Scheduler
 from .errors import ServiceError
 
-#: Temperatures below this cannot be sampled meaningfully (logits / T overflows): greedy.
-MIN_TEMPERATURE = 1e-5
+#: Requests decoded together by default (``tpatcher serve --max-batch``).
+DEFAULT_MAX_BATCH = 8
+
+__all__ = ["MIN_TEMPERATURE", "Generation", "Generator", "Sampling", "StreamResult"]
 
 T = TypeVar("T")
 
@@ -101,22 +107,70 @@ def cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
     return (text[: min(hits)], True) if hits else (text, False)
 
 
-class Generator:
-    """Blocking, streaming and side-by-side generation on a thread pool of ``workers``."""
+class _TokenText:
+    """Text of a growing token list, handed out in pieces that later tokens cannot change
+    (up to the last space or newline, as ``TextStreamer`` does), then the rest at the end."""
 
-    def __init__(self, patcher: Patcher, workers: int) -> None:
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.sent = 0  # characters handed out
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\n"):
+            end = len(text)
+        elif text.endswith("\ufffd"):  # an incomplete character
+            return ""
+        else:
+            end = text.rfind(" ") + 1
+        return self._take(text, end)
+
+    def flush(self) -> str:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        return self._take(text, len(text))
+
+    def _take(self, text: str, end: int) -> str:
+        piece = text[self.sent : end] if end > self.sent else ""
+        self.sent = max(self.sent, end)
+        return piece
+
+
+class Generator:
+    """Batched completions and streams (up to ``max_batch`` at once, one scheduler thread),
+    and ``compare`` on a thread pool of ``workers``."""
+
+    def __init__(self, patcher: Patcher, workers: int, max_batch: int = DEFAULT_MAX_BATCH) -> None:
         self.patcher = patcher
         self.tokenizer = patcher.tokenizer
         self.workers = workers
+        self.max_batch = max_batch
         self._pool: ThreadPoolExecutor | None = None
+        self._scheduler: Scheduler | None = None
         gen_eos = patcher.model.generation_config.eos_token_id
         eos = gen_eos if isinstance(gen_eos, list) else [gen_eos]
         self.eos_ids = {int(e) for e in [*eos, self.tokenizer.eos_token_id] if e is not None}
 
+    @property
+    def batched(self) -> bool:
+        """Whether completions go through the scheduler (decoder-only models)."""
+        return not self.patcher.model.config.is_encoder_decoder
+
+    @property
+    def scheduler(self) -> Scheduler | None:
+        return self._scheduler
+
     def start(self) -> None:
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="tpatcher-generate")
+        if self.batched:
+            model = self.patcher.model
+            self._scheduler = Scheduler(model, self.tokenizer, self.eos_ids, self.max_batch)
+            self._scheduler.start()
 
     def stop(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.stop()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
 
@@ -153,9 +207,17 @@ class Generator:
         natural = bool(new_ids) and new_ids[-1] in self.eos_ids
         return "stop" if stopped or natural or len(new_ids) < max_new else "length"
 
+    def _job(
+        self, prompt: str, sampling: Sampling, emit: Callable[[int | None], None] | None = None
+    ) -> Job:
+        ids = self.encode(prompt, sampling.max_new)["input_ids"]
+        return Job(
+            ids, sampling.max_new, sampling.temperature, sampling.top_p, sampling.stops, emit
+        )
+
     # -- blocking ------------------------------------------------------------------------
     def generate_here(self, prompt: str, sampling: Sampling) -> Generation:
-        """Generate on the calling thread (a generation thread)."""
+        """Generate unbatched on the calling thread (a generation thread)."""
         enc = self.encode(prompt, sampling.max_new)
         n = enc["input_ids"].shape[1]
         stop = _StopOnText(self.tokenizer, n, sampling.stops, threading.Event())
@@ -164,13 +226,26 @@ class Generator:
                 **self._kwargs(enc, sampling), stopping_criteria=StoppingCriteriaList([stop])
             )
         new_ids = out[0, n:].tolist()
+        return self._generation(new_ids, n, False, sampling)
+
+    def _generation(
+        self, new_ids: list[int], n: int, stopped: bool, sampling: Sampling
+    ) -> Generation:
         text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
-        text, stopped = cut_at_stop(text, sampling.stops)
-        return Generation(text, n, len(new_ids), self._reason(new_ids, stopped, sampling.max_new))
+        text, found = cut_at_stop(text, sampling.stops)
+        reason = self._reason(new_ids, stopped or found, sampling.max_new)
+        return Generation(text, n, len(new_ids), reason)
 
     async def complete(self, prompt: str, sampling: Sampling) -> Generation:
-        """The whole completion of ``prompt`` by the patched model."""
-        return await self.run(lambda: self.generate_here(prompt, sampling))
+        """The whole completion of ``prompt`` by the patched model (batched with others)."""
+        if self._scheduler is None:
+            return await self.run(lambda: self.generate_here(prompt, sampling))
+        job = self._job(prompt, sampling)
+        try:
+            outcome = await asyncio.wrap_future(self._scheduler.submit(job))
+        finally:
+            job.cancel.set()  # a no-op when it finished; frees its row when we were cancelled
+        return self._generation(outcome.new_ids, job.input_ids.shape[1], outcome.stopped, sampling)
 
     async def compare(self, prompt: str, max_new: int) -> tuple[str, str]:
         """Greedy completions by the patched and the base model, on one generation thread
@@ -191,6 +266,49 @@ class Generator:
     ) -> AsyncIterator[str]:
         """Yield text pieces as they are generated, holding back what could start a stop
         string; ``result`` receives the finish reason and token counts at the end."""
+        if self._scheduler is None:
+            async for piece in self._stream_unbatched(prompt, sampling, result):
+                yield piece
+            return
+        loop = asyncio.get_running_loop()
+        tokens: asyncio.Queue[int | None] = asyncio.Queue()
+
+        def emit(token: int | None) -> None:  # on the scheduler thread
+            with contextlib.suppress(RuntimeError):  # the event loop is gone: nobody reads
+                loop.call_soon_threadsafe(tokens.put_nowait, token)
+
+        job = self._job(prompt, sampling, emit)
+        future = asyncio.wrap_future(self._scheduler.submit(job))
+        future.add_done_callback(_retrieve)
+        try:
+            stopped = False
+            async for piece in self._pieces(self._texts(tokens), sampling.stops, job.cancel):
+                if piece is None:
+                    stopped = True
+                    continue
+                yield piece
+            outcome: Outcome = await future
+            new_ids = outcome.new_ids
+            result.finish_reason = self._reason(
+                new_ids, stopped or outcome.stopped, sampling.max_new
+            )
+            result.prompt_tokens, result.completion_tokens = job.input_ids.shape[1], len(new_ids)
+        finally:
+            job.cancel.set()  # the client went away or we stopped: its row is retired
+
+    async def _texts(self, tokens: asyncio.Queue[int | None]) -> AsyncIterator[str]:
+        """Text pieces of the tokens the scheduler emits, until it emits ``None``."""
+        text = _TokenText(self.tokenizer)
+        while (token := await tokens.get()) is not None:
+            if piece := text.push(token):
+                yield piece
+        if rest := text.flush():
+            yield rest
+
+    async def _stream_unbatched(
+        self, prompt: str, sampling: Sampling, result: StreamResult
+    ) -> AsyncIterator[str]:
+        """:meth:`stream` by ``generate`` on a generation thread (encoder-decoder models)."""
         enc = self.encode(prompt, sampling.max_new)
         n = enc["input_ids"].shape[1]
         cancel = threading.Event()
@@ -213,7 +331,8 @@ class Generator:
         future.add_done_callback(_retrieve)  # a stream the client left still finishes
         try:
             stopped = False
-            async for piece in self._pieces(streamer, sampling.stops, cancel):
+            pieces = iterate_in_threadpool(iter(streamer))
+            async for piece in self._pieces(pieces, sampling.stops, cancel):
                 if piece is None:
                     stopped = True
                     continue
@@ -227,13 +346,13 @@ class Generator:
 
     @staticmethod
     async def _pieces(
-        streamer: TextIteratorStreamer, stops: tuple[str, ...], cancel: threading.Event
+        texts: AsyncIterator[str], stops: tuple[str, ...], cancel: threading.Event
     ) -> AsyncIterator[str | None]:
         """Text safe to send (none of it could start a stop string); ``None`` once a stop
         string was found (after the text before it)."""
         hold = max((len(s) for s in stops), default=1) - 1
         buffer = ""
-        async for piece in iterate_in_threadpool(iter(streamer)):
+        async for piece in texts:
             buffer += piece
             text, stopped = cut_at_stop(buffer, stops)
             if stopped:

@@ -1,6 +1,7 @@
 """What the routes share: the patcher, the store, the workers, the limits and the counters.
 
-Concurrency model: generation runs on a small thread pool (:class:`.generation.Generator`);
+Concurrency model: completions are decoded in batches on one scheduler thread, and
+``compare`` on a small thread pool (:class:`.generation.Generator`);
 edits and rollbacks run one at a time, in arrival order, on one edit thread
 (:class:`.edits.EditRunner`), two-phase: an edit is trained and verified where only its own
 thread sees it, written durably, and only then published to every thread.
@@ -10,13 +11,13 @@ from __future__ import annotations
 
 import time
 
-from tpatcher.encoding import render_chat
+from tpatcher.encoding import render_chat, tokenize
 from tpatcher.errors import InvalidEditError
 from tpatcher.patcher import Patcher
 
 from .edits import EditJob, EditRunner
 from .errors import ServiceError
-from .generation import Generator
+from .generation import DEFAULT_MAX_BATCH, Generator
 from .limits import Limits
 from .metrics import Metrics
 from .schemas import ChatMessage, EditInfo, EditRequest
@@ -39,6 +40,7 @@ class Service:
         api_token: str | None,
         generation_workers: int,
         limits: Limits,
+        max_batch: int = DEFAULT_MAX_BATCH,
     ) -> None:
         self.patcher = patcher
         self.tokenizer = patcher.tokenizer
@@ -48,7 +50,7 @@ class Service:
         self.api_token = api_token or None
         self.limits = limits
         self.metrics = Metrics()
-        self.generator = Generator(patcher, generation_workers)
+        self.generator = Generator(patcher, generation_workers, max_batch)
         self.edits = EditRunner(
             patcher, store, self.metrics, timeout=limits.edit_timeout, limit=MAX_PENDING_EDITS
         )
@@ -113,7 +115,7 @@ class Service:
             where = f"edits[{i}]: " if len(items) > 1 else ""
             prompt = item.prompt if item.messages is None else self.render_chat(item.messages)
             assert prompt is not None
-            n = len(self.tokenizer(prompt)["input_ids"])
+            n = len(tokenize(self.tokenizer, prompt)["input_ids"])
             if n > limit:
                 raise ServiceError(
                     422,
