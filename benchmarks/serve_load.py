@@ -9,14 +9,15 @@ flight. Prints a markdown table and the machine.
 ``--threads`` is passed to ``tpatcher serve --threads`` (torch CPU threads; 0 = the
 server's default, half the cores), ``--max-batch`` to ``serve --max-batch`` (completions
 decoded together), and ``--busy N`` runs N CPU-bound processes during both phases, as on a
-shared machine. With ``--edits 0`` only the first phase runs. ``--generate-baseline`` then
-times plain ``model.generate`` on the same prompts in this process (same torch threads):
-the floor for one client's latency.
+shared machine. With ``--edits 0`` only the first phase runs; ``--solo`` runs a phase of
+one client before it (the throughput gain of batching). ``--generate-baseline`` then
+times one served request and plain ``model.generate`` in this process (same torch threads)
+in turns on the same prompts: a lone client's latency against its floor.
 
     python benchmarks/serve_load.py --clients 4 --duration 20 --edits 3
     python benchmarks/serve_load.py --clients 2 --duration 15 --edits 1 --busy 1 --threads 1
     python benchmarks/serve_load.py --clients 8 --max-tokens 32 --edits 0 --threads 1 \\
-        --generate-baseline
+        --solo --generate-baseline
 """
 
 from __future__ import annotations
@@ -173,8 +174,10 @@ def row(name: str, samples: list[Sample], seconds: float) -> str:
     return f"| {name} | {len(samples)} | {cells} | {errors} |"
 
 
-def generate_baseline(threads: int, max_tokens: int, repeats: int = 3) -> str:
-    """Median seconds of plain greedy ``model.generate`` per prompt, as the server runs it."""
+def generate_baseline(url: str, threads: int, max_tokens: int, repeats: int = 3) -> str:
+    """One served request and one plain greedy ``model.generate`` in this process, taken in
+    turns on the same prompts (so both see the same machine load): the served latency of a
+    lone client against its floor."""
     import torch
 
     from tpatcher import load_model
@@ -182,20 +185,26 @@ def generate_baseline(threads: int, max_tokens: int, repeats: int = 3) -> str:
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // 2))
     model, tok = load_model(MODEL)
     model.eval()
-    times, tokens = [], []
-    with torch.no_grad():
+    served, plain, tokens = [], [], []
+    with httpx.Client(base_url=url, timeout=120) as client, torch.no_grad():
         for prompt in PROMPTS * repeats:
+            body = {"model": MODEL, "prompt": prompt, "temperature": 0, "max_tokens": max_tokens}
+            t0 = time.monotonic()
+            client.post("/v1/completions", json=body).raise_for_status()
+            served.append(time.monotonic() - t0)
             enc = tok(prompt, return_tensors="pt")
             t0 = time.monotonic()
             out = model.generate(
                 **enc, max_new_tokens=max_tokens, do_sample=False, pad_token_id=tok.eos_token_id
             )
-            times.append(time.monotonic() - t0)
+            plain.append(time.monotonic() - t0)
             tokens.append(out.shape[1] - enc["input_ids"].shape[1])
-    p50 = statistics.median(times)
+    ratios = [a / b for a, b in zip(served, plain, strict=True)]
     return (
-        f"plain model.generate ({torch.get_num_threads()} threads): p50 {p50 * 1000:.0f} ms "
-        f"for {statistics.median(tokens):.0f} tokens, {sum(tokens) / sum(times):.1f} tok/s"
+        f"one client, in turns with plain model.generate ({torch.get_num_threads()} threads, "
+        f"{len(plain)} pairs, median {statistics.median(tokens):.0f} tokens): served p50 "
+        f"{statistics.median(served) * 1000:.0f} ms, generate p50 "
+        f"{statistics.median(plain) * 1000:.0f} ms, median ratio {statistics.median(ratios):.2f}"
     )
 
 
@@ -213,6 +222,9 @@ def main() -> None:
     parser.add_argument("--busy", type=int, default=0, help="CPU-bound processes alongside")
     parser.add_argument(
         "--generate-baseline", action="store_true", help="also time plain model.generate"
+    )
+    parser.add_argument(
+        "--solo", action="store_true", help="first a phase of one client: the batching gain"
     )
     args = parser.parse_args()
     duration = min(args.duration, 300.0)
@@ -234,6 +246,9 @@ def main() -> None:
     try:
         wait_ready(url, proc)
         busy = start_busy(max(0, min(args.busy, 64)))
+        solo: list[Sample] = []
+        if args.solo:
+            solo, _, _ = run_phase(url, 1, duration, args.max_tokens, 0, args.token)
         base, _, _ = run_phase(url, args.clients, duration, args.max_tokens, 0, args.token)
         loaded: list[Sample] = []
         windows: list[tuple[float, float]] = []
@@ -242,6 +257,9 @@ def main() -> None:
             loaded, windows, ids = run_phase(
                 url, args.clients, duration, args.max_tokens, edits, args.token
             )
+        baseline = ""
+        if args.generate_baseline:
+            baseline = generate_baseline(url, args.threads, args.max_tokens)
         with httpx.Client(base_url=url, timeout=60) as client:  # leave the store as found
             for edit_id in ids:
                 client.delete(
@@ -276,13 +294,18 @@ def main() -> None:
     )
     print("| phase | requests | req/s | tok/s | p50 ms | p99 ms | errors |")
     print("|---|---|---|---|---|---|---|")
+    if solo:
+        print(row("one client alone", solo, duration))
     print(row("no edits", base, duration))
+    if solo:
+        gain = sum(s.tokens for s in base) / max(1, sum(s.tokens for s in solo))
+        print(f"| {args.clients} clients / one client, tokens per second | {gain:.2f}x |")
     if edits:
         print(row("with edits (all)", loaded, duration))
         print(row("  started while an edit trained", during, 0))
         print(row("  started with no edit in flight", outside, 0))
-    if args.generate_baseline:
-        print("\n" + generate_baseline(args.threads, args.max_tokens))
+    if baseline:
+        print("\n" + baseline)
 
 
 if __name__ == "__main__":

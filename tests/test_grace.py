@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import MEMORY_TEXTS, make_model, make_tokenizer
-from transformers import LlamaForCausalLM
+from tiny import MEMORY_TEXTS, logits_of, make_model, make_tokenizer, wide_llama
 
 from tpatcher import InvalidEditError, UnsupportedModelError
 from tpatcher.evaluation import protocol
@@ -23,21 +22,6 @@ EDITS = [
 ]
 UNRELATED = ["the weather today is good", "a dog runs in the park", "one two three four five"]
 RULES = ["replace_last", "replace_all", "replace_prompt"]
-
-
-def wide_llama(seed: int = 0) -> LlamaForCausalLM:
-    """tests/tiny.py's llama, initialised with std 0.2 so late-FFN inputs differ."""
-    config = make_model("llama").config
-    config.initializer_range = 0.2
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
-
-
-def logits_of(model, tok, texts: list[str]) -> torch.Tensor:
-    tok.padding_side = "right"
-    enc = tok(texts, return_tensors="pt", padding=True)
-    with torch.no_grad():
-        return model(**enc).logits
 
 
 def test_sequence_of_edits_generation_and_deferral() -> None:

@@ -271,3 +271,33 @@ def test_stopping_fails_running_and_refuses_new_jobs(tiny: tuple[Any, Any]) -> N
     assert job.done.exception(timeout=10) is not None or job.done.result().new_ids
     with pytest.raises(RuntimeError):
         s.submit(Job(encode(tok, PROMPTS[1]), max_new=1))
+
+
+def test_sliding_window_caches_run_one_at_a_time_and_still_match() -> None:
+    model, tok = make_model("gemma3").eval(), make_tokenizer("gemma3")
+    s = Scheduler(model, tok, {tok.eos_token_id}, max_batch=4)
+    assert not s._mergeable  # its sliding layers cannot be padded and merged
+    s.start()
+    try:
+        jobs = [Job(encode(tok, p), max_new=10) for p in PROMPTS[:3]]
+        for job in jobs:
+            s.submit(job)
+        for job in jobs:
+            ref = reference(model, job.input_ids, 10, tok.eos_token_id)
+            assert job.done.result(timeout=60).new_ids == ref
+    finally:
+        s.stop()
+
+
+def test_a_failing_prefill_fails_its_job_only(tiny: tuple[Any, Any], scheduler: Scheduler) -> None:
+    model, tok = tiny
+    good = Job(encode(tok, PROMPTS[0]), max_new=40)
+    scheduler.submit(good)
+    deadline = time.monotonic() + 30
+    while scheduler.steps < 2 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    bad = Job(torch.tensor([[10_000]]), max_new=5)  # out of the vocabulary
+    scheduler.submit(bad)
+    assert bad.done.exception(timeout=60) is not None
+    ref = reference(model, good.input_ids, 40, tok.eos_token_id)
+    assert good.done.result(timeout=60).new_ids == ref

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import MEMORY_TEXTS, make_model, make_tokenizer
-from transformers import LlamaForCausalLM
+from tiny import MEMORY_TEXTS, logits_of, make_model, make_tokenizer, wide_llama
 
 from tpatcher import InvalidEditError, UnsupportedModelError
 from tpatcher.evaluation.memoir import MemoirEditor
@@ -25,21 +24,6 @@ EDITS = [
 ]
 UNRELATED = ["the weather today is good", "a dog runs in the park", "one two three four five"]
 METHODS = [(WiseEditor, {}), (MemoirEditor, {"irr_threshold": 0.7})]
-
-
-def wide_llama(seed: int = 0) -> LlamaForCausalLM:
-    """tests/tiny.py's llama, initialised with std 0.2 so late-FFN inputs differ."""
-    config = make_model("llama").config
-    config.initializer_range = 0.2
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
-
-
-def logits_of(model, tok, texts: list[str]) -> torch.Tensor:
-    tok.padding_side = "right"
-    enc = tok(texts, return_tensors="pt", padding=True)
-    with torch.no_grad():
-        return model(**enc).logits
 
 
 @pytest.mark.parametrize(("cls", "extra"), METHODS, ids=["wise", "memoir"])

@@ -160,3 +160,20 @@ MEMORY_TEXTS = [
     "the apple tree is big and green",
     "music and film and book",
 ]
+
+
+def wide_llama(seed: int = 0) -> LlamaForCausalLM:
+    """The tiny llama initialised with std 0.2, so that late-FFN inputs of different texts
+    differ as in a trained model (the default 0.02 makes them nearly identical)."""
+    config = make_model("llama").config
+    config.initializer_range = 0.2
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
+def logits_of(model, tok, texts: list[str]) -> torch.Tensor:
+    """Logits of a right-padded batch of texts."""
+    tok.padding_side = "right"
+    enc = tok(texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return model(**enc).logits

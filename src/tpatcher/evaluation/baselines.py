@@ -27,7 +27,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -36,9 +36,9 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..capture import record
-from ..encoding import MODEL_KINDS, Example, encode_edit, encode_texts
+from ..encoding import Example, encode_texts
 from ..ffn_site import Capture, FFNSite, eval_mode, padding_side
-from .editors import Editor, EditOutcome
+from .editors import BaselineEditor, EditOutcome
 
 __all__ = [
     "FTEditor",
@@ -61,7 +61,7 @@ class _Settings:
     add_space_before_target: bool = True
 
 
-class _SiteEditor(Editor):
+class _SiteEditor(BaselineEditor):
     """An editor that trains something at the last FFN through the site's replay."""
 
     settings_class: type[_Settings] = _Settings
@@ -75,38 +75,14 @@ class _SiteEditor(Editor):
         locality_texts: list[str] | None = None,
         **settings: Any,
     ) -> None:
-        super().__init__(model, tokenizer)
-        if task not in MODEL_KINDS:
-            raise ValueError(f"unknown task {task!r}; expected one of {', '.join(MODEL_KINDS)}")
-        known = {f.name for f in fields(self.settings_class)}
-        unknown = sorted(set(settings) - known)
-        if unknown:
-            raise TypeError(f"{type(self).__name__} has no setting(s) {', '.join(unknown)}")
-        self.config = self.settings_class(**settings)
+        super().__init__(model, tokenizer, task=task, locality_texts=locality_texts, **settings)
         self.site = FFNSite(model)
         self.adapter = self.site.adapter
         if self.site.task != task:
             raise ValueError(
                 f"task {task!r} does not match the model, which is edited as {self.site.task}"
             )
-        self.task = task
-        self.locality_texts = list(locality_texts or [])
-        self.num_edits = 0
         self._tail_ok: bool | None = None  # whether the replay is exact; checked on first use
-
-    # -- interface ---------------------------------------------------------------------------
-    def settings(self) -> dict[str, Any]:
-        return dict(asdict(self.config), method=self.name, task=self.task)
-
-    def encode(self, prompt: str, target: str | int) -> Example:
-        return encode_edit(
-            self.tokenizer,
-            self.model,
-            prompt,
-            target,
-            task=self.task,
-            add_space_before_target=self.config.add_space_before_target,
-        )
 
     def is_fixed(self, example: Example) -> bool:
         """Teacher-forced: the full model's argmax equals the target at every position."""

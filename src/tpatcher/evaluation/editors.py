@@ -17,12 +17,13 @@ import shutil
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..encoding import MODEL_KINDS, Example, encode_edit
 from ..patcher import Patcher
 
 
@@ -51,6 +52,49 @@ class Editor(ABC):
     def settings(self) -> dict[str, Any]:
         """The method's settings, recorded with its results."""
         return {}
+
+
+class BaselineEditor(Editor):
+    """A baseline built from ``task``, ``locality_texts`` and keyword settings that fill its
+    ``settings_class`` dataclass (an unknown setting is a TypeError, before any work)."""
+
+    settings_class: type = object
+    config: Any
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        task: str,
+        locality_texts: list[str] | None = None,
+        **settings: Any,
+    ) -> None:
+        super().__init__(model, tokenizer)
+        if task not in MODEL_KINDS:
+            raise ValueError(f"unknown task {task!r}; expected one of {', '.join(MODEL_KINDS)}")
+        known = {f.name for f in fields(self.settings_class)}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise TypeError(f"{type(self).__name__} has no setting(s) {', '.join(unknown)}")
+        self.config = self.settings_class(**settings)
+        self.task = task
+        self.locality_texts = [t for t in (locality_texts or []) if t and t.strip()]
+        self.num_edits = 0
+
+    def settings(self) -> dict[str, Any]:
+        return dict(asdict(self.config), method=self.name, task=self.task)
+
+    def encode(self, prompt: str, target: str | int) -> Example:
+        """The edit's tokens, exactly as every method (and T-Patcher) trains on them."""
+        return encode_edit(
+            self.tokenizer,
+            self.model,
+            prompt,
+            target,
+            task=self.task,
+            add_space_before_target=getattr(self.config, "add_space_before_target", True),
+        )
 
 
 class TPatcherEditor(Editor):

@@ -56,7 +56,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -66,10 +66,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.activations import ACT2FN
 
 from ..adapters import ADAPTERS, find_adapter, get_submodule
-from ..encoding import MODEL_KINDS, Example, encode_edit
+from ..encoding import Example
 from ..errors import UnsupportedModelError
 from ..ffn_site import eval_mode, is_conv1d
-from .editors import Editor, EditOutcome
+from .editors import BaselineEditor, EditOutcome
 
 __all__ = ["LateFFN", "WiseEditor", "WiseSettings", "ties_merge"]
 
@@ -252,7 +252,7 @@ def ties_merge(
 # --------------------------------------------------------------------------------------------
 
 
-class HookedEditor(Editor):
+class HookedEditor(BaselineEditor):
     """An editor acting through hooks on a late FFN's down-projection.
 
     ``editor.model`` stays the HF model: a forward hook changes the down-projection's
@@ -272,20 +272,10 @@ class HookedEditor(Editor):
         locality_texts: list[str] | None = None,
         **settings: Any,
     ) -> None:
-        super().__init__(model, tokenizer)
-        if task not in MODEL_KINDS:
-            raise ValueError(f"unknown task {task!r}; expected one of {', '.join(MODEL_KINDS)}")
+        super().__init__(model, tokenizer, task=task, locality_texts=locality_texts, **settings)
         if task != "causal-lm":
             raise ValueError(f"{self.name} edits causal-lm models only, not {task!r}")
-        known = {f.name for f in fields(self.settings_class)}
-        unknown = sorted(set(settings) - known)
-        if unknown:
-            raise TypeError(f"{type(self).__name__} has no setting(s) {', '.join(unknown)}")
-        self.config = self.settings_class(**settings)
-        self.task = task
         self.site = LateFFN(model, self.config.layer, self.name)
-        self.locality_texts = [t for t in (locality_texts or []) if t and t.strip()]
-        self.num_edits = 0
         self.mode = "infer"  # off | capture | train | infer
         self._store: dict[str, torch.Tensor] = {}
         self._call_mask: torch.Tensor | None = None  # (B, S) real tokens of this call
@@ -298,25 +288,13 @@ class HookedEditor(Editor):
 
     # -- interface -------------------------------------------------------------------------
     def settings(self) -> dict[str, Any]:
-        out = dict(asdict(self.config), method=self.name, task=self.task)
-        out.update(layer=self.site.index, layer_path=self.site.path)
-        return out
+        return dict(super().settings(), layer=self.site.index, layer_path=self.site.path)
 
     def close(self) -> None:
         """Remove the hooks: the model answers as the base model again."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
-
-    def encode(self, prompt: str, target: str | int) -> Example:
-        return encode_edit(
-            self.tokenizer,
-            self.model,
-            prompt,
-            target,
-            task=self.task,
-            add_space_before_target=self.config.add_space_before_target,
-        )
 
     def is_fixed(self, example: Example) -> bool:
         """Teacher-forced through the whole hooked model: argmax equals every target."""

@@ -1,17 +1,19 @@
 """Continuous batching: concurrent requests share forward passes on one scheduler thread.
 
-Why our own and not ``transformers``' ``ContinuousBatchingManager``: that one takes its
-sampling mode (``do_sample``) from one generation config for all requests, runs paged
-attention, and its numerics differ from ``model.generate``; here greedy requests must equal
-unbatched ``generate`` token for token, and each request brings its own temperature/top-p.
+Why our own and not ``transformers``' ``ContinuousBatchingManager``: that one takes
+``do_sample`` from one generation config for all requests (a greedy and a sampled request
+cannot share it) and switches the shared model to paged attention, which the edit thread
+and ``compare`` also use; here greedy requests must equal unbatched ``generate`` token for
+token, and each request brings its own temperature and top-p.
 
 The design: a running batch of left-padded sequences in one :class:`DynamicCache`. Between
 two decoding steps the scheduler retires finished or cancelled requests (rows dropped from
-the cache) and admits waiting ones: each is prefilled alone (exactly as ``generate`` would)
-and its cache is merged into the batch, the shorter side padded on the left with zero keys
-and values that the attention mask hides. Each step is one forward pass over every running
-sequence, so an edit (published to the patch hooks as one immutable state) takes effect for
-all of them at the same step. Position ids are kept per row, so padding never shifts them.
+the cache) and admits waiting ones: those waiting are prefilled together (left-padded, as
+batched ``generate`` would) and their cache is merged into the batch, the shorter side
+padded on the left with zero keys and values that the attention mask hides. Each step is
+one forward pass over every running sequence, so an edit (published to the patch hooks as
+one immutable state) takes effect for all of them at the same step. Position ids are kept
+per row, so padding never shifts them.
 
 Only decoder-only models whose cache layers are plain full-attention layers are merged;
 others (sliding windows) run with a batch of one, which needs no padding.
@@ -40,7 +42,7 @@ logger = logging.getLogger("tpatcher.server")
 MIN_TEMPERATURE = 1e-5
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity
 class Job:
     """One request in the scheduler: its prompt, settings, and where its tokens go.
 
@@ -107,25 +109,25 @@ class Batch:
     def __len__(self) -> int:
         return len(self.jobs)
 
-    def add(self, job: Job, cache: DynamicCache, length: int, token: int) -> None:
-        """Append a prefilled job (its cache of ``length`` positions, its first new token)."""
-        device = job.input_ids.device
-        mask = torch.ones(1, length, dtype=torch.long, device=device)
+    def add(
+        self, jobs: list[Job], cache: DynamicCache, mask: torch.Tensor, tokens: list[int]
+    ) -> None:
+        """Append prefilled jobs: their left-padded cache and mask, and first new tokens."""
+        pos = mask.sum(dim=1)  # the next token's position: the real tokens before it
+        last = torch.tensor(tokens, device=mask.device)[:, None]
         if not self.jobs or self.cache is None:
-            self.cache, self.mask = cache, mask
-            self.pos = torch.tensor([length], device=device)
-            self.last = torch.tensor([[token]], device=device)
-            self.jobs = [job]
+            self.cache, self.mask, self.pos, self.last = cache, mask, pos, last
+            self.jobs = list(jobs)
             return
-        width = max(self.mask.shape[1], length)
-        grow, pad = width - self.mask.shape[1], width - length
+        width = max(self.mask.shape[1], mask.shape[1])
+        grow, pad = width - self.mask.shape[1], width - mask.shape[1]
         for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
             mine.keys = torch.cat([_left_pad(mine.keys, grow), _left_pad(theirs.keys, pad)])
             mine.values = torch.cat([_left_pad(mine.values, grow), _left_pad(theirs.values, pad)])
         self.mask = torch.cat([F.pad(self.mask, (grow, 0)), F.pad(mask, (pad, 0))])
-        self.pos = torch.cat([self.pos, self.pos.new_tensor([length])])
-        self.last = torch.cat([self.last, self.last.new_tensor([[token]])])
-        self.jobs.append(job)
+        self.pos = torch.cat([self.pos, pos])
+        self.last = torch.cat([self.last, last])
+        self.jobs.extend(jobs)
 
     def keep(self, rows: list[int]) -> None:
         """Keep only ``rows``; drop the leading columns that are padding in every row left."""
@@ -162,7 +164,9 @@ class Scheduler:
         self._stopping = threading.Event()
         self._lock = threading.Lock()  # a job is queued before the last drain, or refused
         self._batch = Batch()
-        self._mergeable: bool | None = None
+        layers = DynamicCache(config=model.config).layers
+        #: Whether caches can be padded and merged (plain full-attention layers only).
+        self._mergeable = bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
         params = inspect.signature(model.forward).parameters
         self._keep_kw = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         self._cache_kw = "cache" if "cache" in params else "past_key_values"  # renamed in 5.x
@@ -208,44 +212,56 @@ class Scheduler:
                     self._fail(job, RuntimeError("the generator stopped"))
 
     def _admit(self, block: bool) -> None:
-        """Prefill and merge waiting jobs while there is room (waiting for one if ``block``
-        and none runs)."""
-        while len(self._batch) < self._limit() and not self._stopping.is_set():
+        """Prefill the waiting jobs there is room for, together, and merge them into the
+        batch (waiting for one if ``block`` and none runs)."""
+        group: list[Job] = []
+        while len(self._batch) + len(group) < self._limit() and not self._stopping.is_set():
             try:
-                job = self._queue.get(block=block and not self._batch)
+                job = self._queue.get(block=block and not self._batch and not group)
             except queue.Empty:
-                return
+                break
             if job is None:
-                return
+                break
             if job.abandoned:
                 self._finish(job, cancelled=True)
-                continue
-            try:
-                with torch.no_grad():
-                    self._prefill(job)
-            except Exception as exc:  # noqa: BLE001 - this job fails, the others go on
-                logger.exception("prefill failed")
+            else:
+                group.append(job)
+        if not group:
+            return
+        try:
+            with torch.no_grad():
+                self._prefill(group)
+        except Exception as exc:  # noqa: BLE001 - these jobs fail, the running ones go on
+            logger.exception("prefill failed")
+            for job in group:
                 self._fail(job, exc)
+            self._batch.keep([i for i, j in enumerate(self._batch.jobs) if j not in group])
 
     def _limit(self) -> int:
-        return self.max_batch if self._mergeable is not False else 1
+        return self.max_batch if self._mergeable else 1
 
-    def _prefill(self, job: Job) -> None:
-        """Run ``job``'s prompt alone, take its first token, and merge it into the batch."""
-        ids = job.input_ids
+    def _prefill(self, group: list[Job]) -> None:
+        """Run the prompts of ``group`` (left-padded), take their first tokens, and merge
+        them into the batch."""
+        width = max(job.input_ids.shape[1] for job in group)
+        ids = torch.cat([F.pad(j.input_ids, (width - j.input_ids.shape[1], 0)) for j in group])
+        mask = torch.cat(
+            [F.pad(torch.ones_like(j.input_ids), (width - j.input_ids.shape[1], 0)) for j in group]
+        )
         cache = DynamicCache(config=self.model.config)
         out = self.model(
             input_ids=ids,
-            attention_mask=torch.ones_like(ids),
+            attention_mask=mask,
+            position_ids=(mask.cumsum(dim=1) - 1).clamp(min=0),
             use_cache=True,
             **{self._cache_kw: cache},
             **self._keep_kw,
         )
-        if self._mergeable is None:
-            self._mergeable = all(type(layer) is DynamicLayer for layer in cache.layers)
-        token = sample_next(out.logits[:, -1, :], [job])[0]
-        if not self._record(job, token):
-            self._batch.add(job, cache, ids.shape[1], token)
+        tokens = sample_next(out.logits[:, -1, :], group)
+        start = len(self._batch)
+        self._batch.add(group, cache, mask, tokens)
+        ended = {start + i for i, job in enumerate(group) if self._record(job, tokens[i])}
+        self._batch.keep([i for i in range(len(self._batch)) if i not in ended])
 
     def _step(self) -> None:
         """One forward pass over every running job, then their next tokens."""
