@@ -274,9 +274,24 @@ def main() -> None:
             proc.wait(30)
         tmp.cleanup()
 
+    report(args, duration, {"solo": solo, "base": base, "loaded": loaded}, windows, ids)
+    if baseline:
+        print("\n" + baseline)
+
+
+def report(
+    args: argparse.Namespace,
+    duration: float,
+    phases: dict[str, list[Sample]],
+    windows: list[tuple[float, float]],
+    ids: list[str],
+) -> None:
+    """The machine, the settings, and a markdown table of the phases."""
+
     def in_flight(s: Sample) -> bool:
         return any(a <= s.start < b for a, b in windows)
 
+    solo, base, loaded = phases["solo"], phases["base"], phases["loaded"]
     during = [s for s in loaded if in_flight(s)]
     outside = [s for s in loaded if not in_flight(s)]
     edit_seconds = sum(b - a for a, b in windows)
@@ -300,12 +315,10 @@ def main() -> None:
     if solo:
         gain = sum(s.tokens for s in base) / max(1, sum(s.tokens for s in solo))
         print(f"| {args.clients} clients / one client, tokens per second | {gain:.2f}x |")
-    if edits:
+    if loaded:
         print(row("with edits (all)", loaded, duration))
         print(row("  started while an edit trained", during, 0))
         print(row("  started with no edit in flight", outside, 0))
-    if baseline:
-        print("\n" + baseline)
 
 
 if __name__ == "__main__":
