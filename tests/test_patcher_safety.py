@@ -207,3 +207,17 @@ def test_other_wordings_are_trained_jointly_and_saved(tmp_path) -> None:
     loaded = Patcher.load(make_model("llama"), make_tokenizer("llama"), tmp_path)
     assert loaded.edits[0].also == (other,)
     assert not loaded.is_mistake(other, "berlin")
+
+
+def test_a_chat_model_keeps_chat_turns_of_its_memory_texts_too() -> None:
+    tokenizer = make_tokenizer("llama")
+    tokenizer.chat_template = "{% for m in messages %}<s> {{ m['content'] }} </s>{% endfor %} the"
+    texts = ["the weather today is good", "who wrote the famous novel"]
+    sizes = {}
+    for chat in (False, None):
+        config = PatcherConfig(memory_chat_format=chat)
+        patcher = Patcher(make_model("llama"), tokenizer, config, memory_texts=texts)
+        sizes[chat] = len(patcher.memory)
+        assert ("chat turns" in patcher.memory.source) == (chat is None)
+        patcher.close()
+    assert sizes[None] > sizes[False]

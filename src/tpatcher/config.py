@@ -98,6 +98,13 @@ class PatcherConfig:
         include_default_memory: With memory texts of your own, also keep the default bank
             (tpatcher's generic prompts and the unedited model's continuations of them), so
             new neurons stay silent on general text as well as on your domain's text.
+        memory_chat_format: Also put the memory texts (or the default bank's prompts) through
+            the model's chat template as user turns, and keep those FFN inputs too (at most a
+            quarter of ``memory_size``). An edit made through the chat template places its
+            first neuron at the opening of the answer, whose FFN input every chat turn shares
+            in part; without chat-formatted memory such a neuron also fires on unrelated chat
+            questions. ``None``: when the tokenizer has a chat template. ``False`` is the
+            paper's memory.
         add_edits_to_memory: After each edit, its own FFN inputs join the memory bank so
             later neurons stay silent on earlier edits.
         training_loop: ``"cached"`` optimises on a one-off capture of the last FFN's inputs
@@ -131,6 +138,7 @@ class PatcherConfig:
     neuron_activation: str | None = "auto"
     memory_size: int = 20000
     include_default_memory: bool = False
+    memory_chat_format: bool | None = None
     add_edits_to_memory: bool = True
     training_loop: Literal["cached", "full"] = "cached"
     seed: int = 0

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
-from .encoding import encode_texts, tokenize
+from .encoding import encode_texts, has_chat_template, render_chat, tokenize
 from .ffn_site import FFNSite
 
 if TYPE_CHECKING:
@@ -205,5 +205,11 @@ def build_memory_bank(
         if config.include_default_memory:
             vectors = torch.cat([vectors, default_bank(site, tokenizer, limit, config.seed, layer)])
             source = f"{source}; and {DEFAULT_SOURCE}"
+    chat = config.memory_chat_format
+    if chat or (chat is None and has_chat_template(tokenizer)):
+        turns = [render_chat(tokenizer, t) for t in (texts or default_prompts())]
+        chat_vectors = subsample(ffn_inputs(site, tokenizer, turns), limit // 4, config.seed)
+        vectors = torch.cat([vectors, chat_vectors])
+        source = f"{source}; the same as chat turns"
     logger.info("memory bank: %d vectors from %s", vectors.shape[0], source)
     return MemoryBank(vectors, source)
