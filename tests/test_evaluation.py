@@ -684,9 +684,9 @@ def test_tiny_chat_edits_and_no_chat_template(
     edited: list[str] = []
     safe_edit = protocol._safe_edit
 
-    def spy(editor, prompt, target):
+    def spy(editor, prompt, target, also=None):
         edited.append(prompt)
-        return safe_edit(editor, prompt, target)
+        return safe_edit(editor, prompt, target, also)
 
     monkeypatch.setattr(protocol, "_safe_edit", spy)
     results = run_benchmark(
