@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,21 +46,30 @@ def tokenizer_lock(tokenizer: PreTrainedTokenizerBase) -> threading.RLock:
         return lock
 
 
-def tokenize(
-    tokenizer: PreTrainedTokenizerBase, text: Any, *, padding_side: str | None = None, **kwargs: Any
-) -> Any:
-    """``tokenizer(text, **kwargs)`` under its lock, padded on ``padding_side`` if given (a pad
-    token is taken from EOS where there is none)."""
+@contextmanager
+def padding_side(tokenizer: PreTrainedTokenizerBase, side: str) -> Iterator[None]:
+    """Pad on ``side`` for the block (a pad token is set from EOS where there is none); holds
+    the tokenizer's lock meanwhile (:func:`tokenizer_lock`)."""
     with tokenizer_lock(tokenizer):
-        if kwargs.get("padding") and tokenizer.pad_token is None:
+        if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         previous = getattr(tokenizer, "padding_side", "right")
-        if padding_side is not None:
-            tokenizer.padding_side = padding_side
+        tokenizer.padding_side = side
         try:
-            return tokenizer(text, **kwargs)
+            yield
         finally:
             tokenizer.padding_side = previous
+
+
+def tokenize(
+    tokenizer: PreTrainedTokenizerBase, text: Any, *, pad_on: str | None = None, **kwargs: Any
+) -> Any:
+    """``tokenizer(text, **kwargs)`` under its lock, padded on the side ``pad_on`` if given."""
+    if pad_on is None:
+        with tokenizer_lock(tokenizer):
+            return tokenizer(text, **kwargs)
+    with padding_side(tokenizer, pad_on):
+        return tokenizer(text, **kwargs)
 
 
 @dataclass
@@ -189,7 +199,7 @@ def encode_texts(
         tokenize(
             tokenizer,
             list(texts),
-            padding_side="right",
+            pad_on="right",
             return_tensors="pt",
             padding=True,
             truncation=True,

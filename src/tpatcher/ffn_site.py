@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
 
 from .adapters import (
@@ -29,7 +29,6 @@ from .adapters import (
     resolve_layers_override,
 )
 from .capture import record
-from .encoding import tokenizer_lock
 from .errors import UnsupportedModelError
 
 Point = tuple[nn.Module, Literal["input", "output"]]
@@ -47,24 +46,29 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             module.training = mode
 
 
-@contextmanager
-def padding_side(tokenizer: PreTrainedTokenizerBase, side: str) -> Iterator[None]:
-    """Pad on ``side`` for the block (a pad token is set from EOS where there is none); holds
-    the tokenizer's lock meanwhile (:func:`tpatcher.encoding.tokenizer_lock`)."""
-    with tokenizer_lock(tokenizer):
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        previous = getattr(tokenizer, "padding_side", "right")
-        tokenizer.padding_side = side
-        try:
-            yield
-        finally:
-            tokenizer.padding_side = previous
-
-
 def is_conv1d(module: nn.Module) -> bool:
     """GPT-2's ``Conv1D`` stores its weight as (in, out), the transpose of ``nn.Linear``."""
     return type(module).__name__ == "Conv1D"
+
+
+def ffn_width(value_proj: nn.Module) -> int:
+    """Neurons of an FFN, read off its value (down) projection."""
+    weight = value_proj.weight
+    return int(weight.shape[0] if is_conv1d(value_proj) else weight.shape[1])
+
+
+def ffn_hidden_size(value_proj: nn.Module) -> int:
+    """The model dimension an FFN writes to, read off its value (down) projection."""
+    weight = value_proj.weight
+    return int(weight.shape[1] if is_conv1d(value_proj) else weight.shape[0])
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where inputs go: the embedding's execution device (accelerate may offload it)."""
+    embeddings = model.get_input_embeddings()  # type: ignore[operator]
+    hook = getattr(embeddings, "_hf_hook", None)
+    device = getattr(hook, "execution_device", None)
+    return torch.device(device) if device is not None else embeddings.weight.device
 
 
 @dataclass
@@ -137,22 +141,16 @@ class FFNSite:
 
     @property
     def hidden_size(self) -> int:
-        weight = self.value.weight
-        return int(weight.shape[1] if is_conv1d(self.value) else weight.shape[0])
+        return ffn_hidden_size(self.value)
 
     @property
     def width(self) -> int:
-        """Neurons of the FFN as the base model has them."""
-        weight = self.value.weight
-        return int(weight.shape[0] if is_conv1d(self.value) else weight.shape[1])
+        """Neurons of the FFN as it is now."""
+        return ffn_width(self.value)
 
     @property
     def input_device(self) -> torch.device:
-        """Where inputs go: the embedding's execution device (accelerate may offload it)."""
-        embeddings = self.model.get_input_embeddings()
-        hook = getattr(embeddings, "_hf_hook", None)
-        device = getattr(hook, "execution_device", None)
-        return torch.device(device) if device is not None else embeddings.weight.device
+        return input_device(self.model)
 
     def fingerprint(self) -> str:
         """SHA-256 of the unpatched last FFN's weights: identifies the base model."""

@@ -150,7 +150,7 @@ def generate_continuations(
     texts: list[str] = []
     for i in range(0, len(prompts), batch_size):
         batch = list(prompts[i : i + batch_size])
-        enc = tokenize(tokenizer, batch, padding_side="left", return_tensors="pt", padding=True)
+        enc = tokenize(tokenizer, batch, pad_on="left", return_tensors="pt", padding=True)
         enc = enc.to(site.input_device)
         with torch.no_grad():
             out = site.model.generate(

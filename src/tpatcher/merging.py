@@ -27,7 +27,8 @@ from transformers.activations import ACT2FN
 
 from .adapters import ArchitectureAdapter, find_adapter, get_submodule
 from .errors import UnsupportedModelError
-from .ffn_site import FFNSite, is_conv1d
+from .ffn_site import FFNSite, ffn_hidden_size, is_conv1d
+from .ffn_site import ffn_width as value_width
 from .layer import NeuronState
 
 __all__ = [
@@ -152,16 +153,6 @@ def grow_in(module: nn.Module, values: torch.Tensor) -> None:
         module.in_features = module.weight.shape[1]
 
 
-def _width_of(value: nn.Module) -> int:
-    weight = value.weight
-    return int(weight.shape[0] if is_conv1d(value) else weight.shape[1])
-
-
-def _hidden_of(value: nn.Module) -> int:
-    weight = value.weight
-    return int(weight.shape[1] if is_conv1d(value) else weight.shape[0])
-
-
 # -- merging -------------------------------------------------------------------------------
 def merge_into(
     model: PreTrainedModel,
@@ -217,12 +208,12 @@ def pad_ffn(block: nn.Module, adapter: ArchitectureAdapter, width: int) -> int:
     to the output whatever the activation.
     """
     *inputs, value = _ffn_modules(block, adapter)
-    current = _width_of(value)
+    current = value_width(value)
     if width < current:
         raise ValueError(f"cannot narrow an FFN of {current} neurons to {width}")
     extra = width - current
     if extra:
-        d = _hidden_of(value)
+        d = ffn_hidden_size(value)
         for module in inputs:
             grow_out(module, torch.zeros(extra, d), None)
         grow_in(value, torch.zeros(extra, d))
@@ -231,7 +222,7 @@ def pad_ffn(block: nn.Module, adapter: ArchitectureAdapter, width: int) -> int:
 
 def ffn_width(block: nn.Module, adapter: ArchitectureAdapter) -> int:
     """Neurons in ``block``'s FFN."""
-    return _width_of(get_submodule(block, adapter.value_proj))
+    return value_width(get_submodule(block, adapter.value_proj))
 
 
 def _blocks(model: nn.Module, paths: Sequence[str]) -> list[nn.Module]:

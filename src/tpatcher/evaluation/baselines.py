@@ -36,8 +36,8 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..capture import record
-from ..encoding import Example, encode_texts
-from ..ffn_site import Capture, FFNSite, eval_mode, padding_side
+from ..encoding import Example, encode_texts, padding_side
+from ..ffn_site import Capture, FFNSite, eval_mode
 from .editors import BaselineEditor, EditOutcome
 
 __all__ = [

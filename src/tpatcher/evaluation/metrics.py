@@ -30,8 +30,8 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria
 
 from ..answers import contains_answer, first_line, first_sentence, normalize_answer
-from ..encoding import encode_edit
-from ..ffn_site import eval_mode, padding_side
+from ..encoding import encode_edit, padding_side
+from ..ffn_site import eval_mode
 
 __all__ = [
     "Forced",

@@ -54,6 +54,7 @@ Departures, and why:
 from __future__ import annotations
 
 import time
+from abc import abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -68,7 +69,7 @@ from transformers.activations import ACT2FN
 from ..adapters import ADAPTERS, find_adapter, get_submodule
 from ..encoding import Example
 from ..errors import UnsupportedModelError
-from ..ffn_site import eval_mode, is_conv1d
+from ..ffn_site import eval_mode, input_device, is_conv1d
 from .editors import BaselineEditor, EditOutcome
 
 __all__ = ["LateFFN", "WiseEditor", "WiseSettings", "ties_merge"]
@@ -151,7 +152,7 @@ class LateFFN:
 
     @property
     def input_device(self) -> torch.device:
-        return self.model.get_input_embeddings().weight.device
+        return input_device(self.model)
 
     def run(self, enc: dict[str, torch.Tensor]) -> torch.Tensor:
         """Logits of the whole model on ``enc`` (no KV cache)."""
@@ -348,11 +349,13 @@ class HookedEditor(BaselineEditor):
             return self._train_output(a, output)
         return self._route(a, output)
 
+    @abstractmethod
     def _train_output(self, a: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The down-projection's output while training (each method's own)."""
 
+    @abstractmethod
     def _route(self, a: torch.Tensor, output: torch.Tensor) -> torch.Tensor | None:
-        raise NotImplementedError
+        """The output at inference: routed through the edits, or ``None`` for the base."""
 
     # -- training helpers ------------------------------------------------------------------
     def _capture(self, enc: dict[str, torch.Tensor]) -> Tail:

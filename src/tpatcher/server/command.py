@@ -158,9 +158,6 @@ def serve(
     torch.set_num_threads(threads or default_threads())
     edit_store = EditStore(store)
     patcher = _load(edit_store, model, texts, memory_file)
-    if edit_token:
-        logger.info("building the memory bank")
-        _ = patcher.memory  # before serving, so the first edit does not pay for it
     patcher.generate("Hello", max_new_tokens=1)  # warm-up
     limits = Limits(
         max_tokens=max_tokens,

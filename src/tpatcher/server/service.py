@@ -70,8 +70,8 @@ class Service:
         m.gauge("tpatcher_uptime_seconds", "Seconds up", lambda: time.time() - self.started)
 
     def start(self) -> None:
-        """Start the workers; with editing on, build the memory bank first (once: batch
-        tokenisation changes the shared tokenizer's padding, so it must not race requests)."""
+        """Start the workers; with editing on, build the memory bank first, so the first
+        edit does not pay for it."""
         if self.edit_token is not None:
             _ = self.patcher.memory
         self.generator.start()
