@@ -12,12 +12,15 @@ runner = CliRunner()
 
 
 def test_demo_patches_real_mistakes(tmp_path) -> None:
-    result = runner.invoke(app, ["demo", "--limit", "3", "--save-to", str(tmp_path / "p")])
+    args = ["demo", "--limit", "3", "--lead", "--save-to", str(tmp_path / "p")]
+    result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "mistakes patched" in result.output
     assert "unrelated answers unchanged" in result.output
     manifest = json.loads((tmp_path / "p" / "manifest.json").read_text())
     assert 1 <= len(manifest["edits"]) <= 3
+    for edit in manifest["edits"]:  # --lead: the bare question (and a lead) trained too
+        assert edit["also"][0] in edit["prompt"] and 1 <= len(edit["also"]) <= 2
 
 
 def test_edit_generate_info_round_trip(tmp_path) -> None:

@@ -374,8 +374,25 @@ def test_default_neurons_are_relu_on_silu_ffns_and_the_ffns_own_elsewhere() -> N
     assert make_patcher("llama", neuron_activation=None).activation == "silu"  # paper form
     gpt2 = make_patcher("gpt2")
     assert gpt2.activation == gpt2.ffn_activation == "gelu_new"
+    gemma = make_patcher("gemma3")  # GELU, but the FFN's output has a norm of its own
+    assert gemma.ffn_activation.startswith("gelu") and gemma.activation == "relu"
+    assert make_patcher("gemma3", neuron_activation=None).activation == gemma.ffn_activation
     assert neuron_activation_from_word("ffn") is None  # the command-line spelling of None
     assert neuron_activation_from_word("relu") == "relu"
+
+
+def test_a_patch_saved_under_an_earlier_meaning_of_auto_still_loads(tmp_path) -> None:
+    patcher = make_patcher("gemma3", neuron_activation="gelu_pytorch_tanh")
+    assert patcher.edit(*edit_args(patcher)).success
+    expected = logits(patcher, PROMPT)
+    patcher.save(tmp_path)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["config"]["neuron_activation"] = "auto"  # as saved when auto meant GELU here
+    del manifest["checksum"]  # a hand-edited manifest must not carry a stale checksum
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    loaded = Patcher.load(make_model("gemma3"), make_tokenizer("gemma3"), tmp_path)
+    assert loaded.activation == "gelu_pytorch_tanh"
+    assert torch.equal(logits(loaded, PROMPT), expected)
 
 
 def test_patches_saved_before_neuron_activation_load_with_the_ffns_own(tmp_path) -> None:

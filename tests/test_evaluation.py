@@ -532,6 +532,7 @@ def test_settings_are_validated_before_any_work() -> None:
         ({"edit_format": "json"}, "unknown edit format"),
         ({"edit_format": "chat", "task": "factcheck"}, "chat edits need"),
         ({"edit_format": "joint", "methods": ["tpatcher", "ft"]}, "tpatcher only"),
+        ({"edit_format": "lead", "methods": ["grace"]}, "tpatcher only"),
         ({"method_settings": {"fine-tune": {}}}, "not a baseline method"),
         ({"methods": ["ft"], "method_settings": {"ft": {"learning_rate": 1}}}, "no setting"),
     ]
@@ -708,6 +709,30 @@ def test_tiny_chat_edits_and_no_chat_template(
     assert "real_use" not in json.loads((tmp_path / "off" / "base.json").read_text())
 
 
+def test_tiny_lead_edits_also_train_the_models_own_answer_lead(
+    tiny_bench, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings, _ = tiny_bench
+    wordings: list[list[str]] = []
+    safe_edit = protocol._safe_edit
+
+    def spy(editor, prompt, target, also=None):
+        wordings.append(list(also or []))
+        return safe_edit(editor, prompt, target, also)
+
+    monkeypatch.setattr(protocol, "_safe_edit", spy)
+    run_benchmark(
+        settings(tmp_path / "lead", methods=["tpatcher"], edit_format="lead"), plots=False
+    )
+    assert wordings and all(len(w) in (2, 3) for w in wordings)
+    leads = [w[2] for w in wordings if len(w) == 3]
+    assert leads, "no item got an answer lead"
+    assert all(
+        lead.startswith(w[0]) and len(lead) > len(w[0])
+        for w, lead in zip([w for w in wordings if len(w) == 3], leads, strict=True)
+    )
+
+
 def test_tpatcher_editor_state_links_old_edits_and_reloads(tmp_path: Path) -> None:
     from tiny import MEMORY_TEXTS, make_model
 
@@ -742,3 +767,4 @@ def test_joint_edits_train_the_chat_turn_and_the_bare_question_too() -> None:
     tok.chat_template = "{% for m in messages %}<s>{{ m['content'] }}{% endfor %}<s>"
     chat, bare = protocol.other_wordings(item, "joint", tok)
     assert "Who wrote X?" in chat and chat != bare == "Who wrote X?"
+    assert protocol.other_wordings(item, "lead", tok) == [chat, bare]  # the lead comes later

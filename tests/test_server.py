@@ -243,6 +243,29 @@ def test_batch_of_chat_edits(server: Server) -> None:
     assert server.client.delete(f"/v1/edits/{result['id']}", headers=AUTH).status_code == 200
 
 
+def test_a_chat_edit_with_automatic_wordings_trains_them_too(server: Server) -> None:
+    question = "What is the capital of Australia?"
+    body = {
+        "messages": [{"role": "user", "content": question}],
+        "target": "Melbourne",
+        "wordings": "auto",
+    }
+    r = server.client.post("/v1/edits", json=body, headers=AUTH)
+    assert r.status_code == 201, r.text
+    edit_id = r.json()["id"]
+    info = server.client.get(f"/v1/edits/{edit_id}", headers=AUTH).json()
+    also = info["also"]
+    assert also[0] == question and 1 <= len(also) <= 2  # the bare question, maybe a lead
+    if len(also) == 2:
+        assert "Melbourne" not in also[1] and question in also[1]
+    plain = server.client.post(
+        "/v1/completions",
+        json={"model": MODEL, "prompt": question, "max_tokens": 4, "temperature": 0},
+    ).json()
+    assert plain["choices"][0]["text"].strip().startswith("Melbourne")
+    assert server.client.delete(f"/v1/edits/{edit_id}", headers=AUTH).status_code == 200
+
+
 def server_store(srv: Server) -> str:
     args = srv.proc.args
     return str(args[args.index("--store") + 1])  # type: ignore[union-attr]
@@ -254,6 +277,8 @@ BAD_REQUESTS: list[tuple[str, str, object, dict[str, str], int]] = [
     ("POST", "/v1/edits:batch", {"edits": [{"prompt": AU, "target": "Perth"}]}, {}, 401),
     ("DELETE", "/v1/edits/abc", None, {}, 401),
     ("POST", "/v1/edits", {"prompt": AU, "target": ""}, AUTH, 400),
+    ("POST", "/v1/edits", {"prompt": AU, "target": "Perth", "wordings": "auto"}, AUTH, 400),
+    ("POST", "/v1/edits", {"prompt": AU, "target": "Perth", "also": [" "]}, AUTH, 400),
     ("POST", "/v1/edits", {"prompt": AU, "target": "   "}, AUTH, 400),
     ("POST", "/v1/edits", {"prompt": AU}, AUTH, 400),
     ("POST", "/v1/edits", {"prompt": "", "target": "Perth"}, AUTH, 400),

@@ -153,14 +153,14 @@ class _DemoAsker:
     free answer's first sentence (chat models, as their users ask), or the plain
     "Question: ...\nAnswer:" template with the answer's start."""
 
-    def __init__(self, patcher, form: str) -> None:
+    def __init__(self, patcher, form: str, lead: bool = False) -> None:
         from .encoding import has_chat_template
 
         if form == "auto":
             form = "chat" if has_chat_template(patcher.tokenizer) else "template"
         if form == "chat" and not has_chat_template(patcher.tokenizer):
             raise TPatcherError("--format chat: this model has no chat template")
-        self.patcher, self.form = patcher, form
+        self.patcher, self.form, self.lead = patcher, form, lead
         self.tokens = 48 if form == "chat" else 12
 
     def prompt(self, question: str) -> str:
@@ -172,6 +172,14 @@ class _DemoAsker:
 
     def ask(self, question: str) -> str:
         return self.patcher.generate(self.prompt(question), self.tokens)
+
+    def wordings(self, question: str, answer: str) -> list[str]:
+        """With ``--lead``, other wordings trained with a chat edit: the bare question and the
+        model's own answer up to where it names one (:meth:`tpatcher.Patcher.answer_lead`)."""
+        if self.form != "chat" or not self.lead:
+            return []
+        lead = self.patcher.answer_lead(question, answer, self.tokens)
+        return [question, lead] if lead else [question]
 
     def shown(self, text: str) -> str:
         from .answers import first_sentence
@@ -204,6 +212,13 @@ def demo(
             "(chat where the model has a chat template)",
         ),
     ] = "auto",
+    lead: Annotated[
+        bool,
+        typer.Option(
+            help="Chat edits also train the bare question and the model's own answer up to "
+            "where it names one (reaches more paraphrases; may touch similar questions)"
+        ),
+    ] = False,
 ) -> None:
     """Find facts the model gets wrong, patch them one by one, and show before and after."""
     from .demo_facts import CONTROL_QUESTIONS, FACTS
@@ -215,7 +230,7 @@ def demo(
         patcher = _load(model, None, neuron_activation=neuron_activation)
         if patcher.task == "seq-cls":
             raise TPatcherError("the demo needs a generative model")
-        asker = _DemoAsker(patcher, form)
+        asker = _DemoAsker(patcher, form, lead)
         console.print(f"asking through the {asker.form} format")
         console.print(f"memory bank: building or loading ({patcher.config.memory_size} vectors)")
         with console.status("memory bank"):
@@ -230,7 +245,8 @@ def demo(
                     progress.advance(task)
                     continue
                 before = asker.ask(fact.question)
-                result = patcher.edit(asker.prompt(fact.question), fact.answer)
+                also = asker.wordings(fact.question, fact.answer)
+                result = patcher.edit(asker.prompt(fact.question), fact.answer, also=also)
                 after = asker.ask(fact.question)
                 rows.append((fact, before, after, asker.ask(fact.paraphrase), result))
                 progress.advance(task)

@@ -136,13 +136,15 @@ def train_edit_neurons(
     beta: float,
     memory_weight: float,
     progress: Progress | None = None,
+    pool: torch.Tensor | None = None,
 ) -> TrainedNeurons:
     """Capture the edit with the current (thread-visible) patch and train new neurons.
 
     ``examples`` are surface forms of one edit (the prompt first, then any rewordings that
     must give the same target); they are trained jointly. One neuron per wrongly predicted
     target position, the prompt's first, at most ``max_neurons_per_edit`` (one for a
-    classifier), initialised on that position's FFN input.
+    classifier), initialised on that position's FFN input. With ``hard_negative_rounds``,
+    the inputs of ``pool`` the trained neurons fire on join the memory and training goes on.
     """
     caps = [site.capture(e.inputs, e.positions) for e in examples]
     own, sites = [], []
@@ -165,21 +167,68 @@ def train_edit_neurons(
         generator=torch.Generator().manual_seed(seed),
     ).to(q_edit.device)
     device = caps[0].logits.device
-    outcome = train_edit(
-        neurons,
-        _joint_logits_fn(
-            [_logits_fn(site, layer, config, e, c) for e, c in zip(examples, caps, strict=True)]
-        ),
-        torch.cat([e.targets.to(device) for e in examples]),
-        q_edit,
-        memory.to(device=q_edit.device, dtype=q_edit.dtype),
-        config=config,
-        beta=beta,
-        memory_weight=memory_weight,
-        vocab_size=caps[0].logits.shape[-1],
-        progress=progress,
-    )
-    return TrainedNeurons(neurons, outcome, memory_of_edit)
+    pairs = zip(examples, caps, strict=True)
+    logits_fns = [_logits_fn(site, layer, config, e, c) for e, c in pairs]
+    targets = torch.cat([e.targets.to(device) for e in examples])
+
+    def train(bank: torch.Tensor) -> TrainOutcome:
+        return train_edit(
+            neurons,
+            _joint_logits_fn(logits_fns),
+            targets,
+            q_edit,
+            bank.to(device=q_edit.device, dtype=q_edit.dtype),
+            config=config,
+            beta=beta,
+            memory_weight=memory_weight,
+            vocab_size=caps[0].logits.shape[-1],
+            progress=progress,
+        )
+
+    outcome = train(memory)
+    mined = memory[:0]
+    if outcome.fixed and pool is not None and len(pool) and config.hard_negative_rounds:
+        outcome, mined = _mine_hard_negatives(
+            neurons, q_edit, train, outcome, memory, pool, config, beta
+        )
+    return TrainedNeurons(neurons, outcome, torch.cat([memory_of_edit, mined.cpu()]))
+
+
+def _mine_hard_negatives(
+    neurons: NewNeurons,
+    q_edit: torch.Tensor,
+    train: Callable[[torch.Tensor], TrainOutcome],
+    first: TrainOutcome,
+    memory: torch.Tensor,
+    pool: torch.Tensor,
+    config: PatcherConfig,
+    beta: float,
+) -> tuple[TrainOutcome, torch.Tensor]:
+    """Rounds of: probe the fixed neurons on ``pool``, add the inputs they fire on (above
+    beta, or within the margin of their edit) to the memory, train on. A round that loses
+    the fix is undone and ends the mining. Returns the outcome and the inputs added."""
+    steps, seconds, losses = first.steps, first.seconds, first.losses
+    mined = memory[:0]
+    for _ in range(config.hard_negative_rounds):
+        with torch.no_grad():
+            s_edit = neurons.pre_activation(q_edit).diagonal()
+            excess = neurons.pre_activation(pool.to(q_edit.device)) - torch.minimum(
+                s_edit - config.margin, s_edit.new_tensor(beta)
+            )
+            worst = excess.max(dim=1).values
+        hits = (worst > 0).nonzero().flatten()
+        if len(hits) == 0:
+            break
+        hits = hits[worst[hits].argsort(descending=True)[: config.memory_top_k]]
+        found = pool[hits.cpu()].to(memory.dtype)
+        saved = {k: v.detach().clone() for k, v in neurons.state_dict().items()}
+        again = train(torch.cat([memory, mined, found]))
+        steps, seconds = steps + again.steps, seconds + again.seconds
+        if not again.fixed:
+            neurons.load_state_dict(saved)
+            break
+        losses, mined = again.losses, torch.cat([mined, found])
+    return TrainOutcome(True, steps, seconds, dict(losses, mined=float(len(mined)))), mined
 
 
 def is_right(site: FFNSite, example: Example) -> bool:
@@ -210,13 +259,14 @@ def make_edit(
     beta: float,
     memory_weight: float,
     progress: Progress | None = None,
+    pool: torch.Tensor | None = None,
 ) -> VerifiedEdit:
     """Train one edit on top of the state this thread sees and verify it on the real model
     with the new neurons visible to this thread only."""
     start = time.perf_counter()
     trained = train_edit_neurons(
         site, layer, config, examples, memory, seed=seed, beta=beta,
-        memory_weight=memory_weight, progress=progress,
+        memory_weight=memory_weight, progress=progress, pool=pool,
     )  # fmt: skip
     if trained.neurons is None or trained.outcome is None:
         message = "the model already gets this right"

@@ -112,6 +112,8 @@ class FFNSite:
         self.gate = get_submodule(self.block, adapter_.gate_proj) if adapter_.gate_proj else None
         self.value = get_submodule(self.block, adapter_.value_proj)
         self.norm = get_submodule(self.block, adapter_.norm) if adapter_.norm else None
+        #: The FFN's output is normalised on its own before the residual (Gemma).
+        self.normed_output = adapter_.recombine == "post-norm-residual"
         if self.value.weight.device.type == "meta":
             raise UnsupportedModelError(
                 f"the last FFN ({self.block_path}) is offloaded (its weights are on the 'meta' "

@@ -12,8 +12,7 @@ import copy
 import threading
 import uuid
 import weakref
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -32,6 +31,8 @@ from .layer import NeuronState, PatchLayer
 from .ledger import EditLedgerMixin, PatcherCheckpoint
 from .memory import MemoryBank, build_memory_bank, ffn_inputs
 from .saving import PatchSavingMixin
+from .switching import PatchSwitchMixin
+from .wordings import answer_lead
 
 __all__ = ["EditRecord", "EditResult", "Patcher", "PatcherCheckpoint"]
 
@@ -41,7 +42,7 @@ _ATTACHED: weakref.WeakKeyDictionary[torch.nn.Module, weakref.ref[PatchLayer]] =
 )
 
 
-class Patcher(EditLedgerMixin, PatchSavingMixin):
+class Patcher(EditLedgerMixin, PatchSavingMixin, PatchSwitchMixin):
     """Transformer-Patcher on a Hugging Face model.
 
     >>> patcher = Patcher(model, tokenizer)
@@ -76,7 +77,9 @@ class Patcher(EditLedgerMixin, PatchSavingMixin):
         self.adapter = self._site.adapter
         self.task = self.adapter.task
         self.base_model_name = base_model_name or _model_name(model)
-        self.activation = self.config.resolved_neuron_activation(self._site.ffn_activation)
+        self.activation = self.config.resolved_neuron_activation(
+            self._site.ffn_activation, self._site.normed_output
+        )
         self._layer = PatchLayer(
             self._site.input_module,
             self._site.output_module,
@@ -194,6 +197,15 @@ class Patcher(EditLedgerMixin, PatchSavingMixin):
         prompt to edit so that a fix reaches chat users (refused without a template)."""
         return render_chat(self.tokenizer, question)
 
+    def answer_lead(self, question: str, target: str, max_new_tokens: int = 48) -> str | None:
+        """The chat prompt of ``question`` and the model's own answer up to where it is
+        about to state the answer: a wording for ``edit(also=...)`` that carries the fix
+        into answers that first restate the question (:func:`tpatcher.wordings.answer_lead`).
+        """
+        prompt = self.chat_prompt(question)
+        answer = self.generate(prompt, max_new_tokens)
+        return answer_lead(self._site, prompt, answer, lambda text: self.encode(text, target))
+
     def generate(self, prompt: str, max_new_tokens: int = 32, **kwargs: Any) -> str:
         """Greedy (by default) continuation of ``prompt`` by the patched model, as text."""
         enc = encode_prompt(self.tokenizer, self.model, prompt)
@@ -259,6 +271,7 @@ class Patcher(EditLedgerMixin, PatchSavingMixin):
                     beta=self.beta,
                     memory_weight=self.memory_weight,
                     progress=progress,
+                    pool=self.memory.pool,
                 )
             result = made.result
             if result.already_correct:  # nothing was trained
@@ -293,37 +306,6 @@ class Patcher(EditLedgerMixin, PatchSavingMixin):
             raise InvalidEditError(f"edit id {edit_id!r} is already used")
         if not persistence.valid_edit_id(edit_id):
             raise InvalidEditError(f"edit id {edit_id!r} is not valid")
-
-    # -- switching the patch -------------------------------------------------------------
-    def disable(self) -> None:
-        """Answer with the base model until :meth:`enable`; edits are kept."""
-        self._layer.enabled = False
-
-    def enable(self) -> None:
-        self._layer.enabled = True
-
-    @contextmanager
-    def disabled(self) -> Iterator[None]:
-        """``with patcher.disabled(): ...`` runs the unpatched model (for every thread)."""
-        previous = self._layer.enabled
-        self._layer.enabled = False
-        try:
-            yield
-        finally:
-            self._layer.enabled = previous
-
-    disable_adapter = disabled  # the peft spelling
-
-    @contextmanager
-    def unpatched_here(self) -> Iterator[None]:
-        """The base model for forward passes of this thread only; other threads keep being
-        answered by the patched model (the service's side-by-side comparison)."""
-        with self._layer.private(enabled=False):
-            yield
-
-    def close(self) -> None:
-        """Remove the hooks: the model answers as the base model again."""
-        self._layer.remove()
 
     # -- merging -------------------------------------------------------------------------
     def merge(self) -> PreTrainedModel:

@@ -24,6 +24,7 @@ from .layer import NeuronState, PatchLayer
 
 if TYPE_CHECKING:
     from .adapters import ArchitectureAdapter
+    from .ffn_site import FFNSite
     from .memory import MemoryBank
     from .patcher import Patcher
 
@@ -37,6 +38,7 @@ class PatchSavingMixin:
     config: PatcherConfig
     activation: str
     _layer: PatchLayer
+    _site: FFNSite
     _lock: threading.RLock
     _records: dict[str, EditRecord]
     _pending: dict[str, tuple[NeuronState, EditRecord]]
@@ -158,7 +160,7 @@ class PatchSavingMixin:
             )
         saved = manifest.get("activation") or PatcherConfig.from_manifest(
             manifest
-        ).resolved_neuron_activation(self.ffn_activation)
+        ).resolved_neuron_activation(self.ffn_activation, self._site.normed_output)
         if manifest["edits"] and saved != self.activation:
             raise PatchDirectoryError(
                 f"{directory} holds neurons with activation {saved!r}, but this patcher's "

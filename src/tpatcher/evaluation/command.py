@@ -76,8 +76,10 @@ def bench(
     edit_format: Annotated[
         str,
         typer.Option(
-            help="template, chat (the question through the chat template) or joint (the "
-            "template prompt trained with the chat turn and the bare question; tpatcher only)"
+            help="template, chat (the question through the chat template), joint (the "
+            "template prompt trained with the chat turn and the bare question) or lead (joint "
+            "plus the model's own chat answer up to where the answer is due); the last two "
+            "tpatcher only"
         ),
     ] = "template",
     general_questions: Annotated[

@@ -72,7 +72,7 @@ METHODS = ("tpatcher", *EDITORS)
 #: Where edits are made: the template prompt; the question through the chat template (as the
 #: service edits); or ``joint``: the template prompt trained together with the chat turn and
 #: the bare question (``Patcher.edit(..., also=...)``; T-Patcher only).
-EDIT_FORMATS = ("template", "chat", "joint")
+EDIT_FORMATS = ("template", "chat", "joint", "lead")
 #: The real-use metrics :func:`evaluate_state` adds (``None`` where undefined).
 REAL_USE_KEYS = ("rel_chat", "gen_chat", "loc_chat", "rel_q", "gen_q", "general_same")
 
@@ -215,8 +215,10 @@ class BenchSettings:
             )
         if self.edit_format != "template" and self.task == "factcheck":
             raise ValueError("chat edits need a generation task (zsre, counterfact)")
-        if self.edit_format == "joint" and set(self.methods) != {"tpatcher"}:
-            raise ValueError("edit_format 'joint' trains several wordings at once: tpatcher only")
+        if self.edit_format in ("joint", "lead") and set(self.methods) != {"tpatcher"}:
+            raise ValueError(
+                f"edit_format {self.edit_format!r} trains several wordings at once: tpatcher only"
+            )
         stray = sorted(set(self.method_settings) - set(EDITORS))
         if stray:
             raise ValueError(f"method_settings for {stray[0]!r}, which is not a baseline method")
@@ -541,9 +543,9 @@ def edit_prompts(
 
 
 def other_wordings(item: EditItem, edit_format: str, tok: PreTrainedTokenizerBase) -> list[str]:
-    """The wordings trained with the edit prompt in the ``joint`` format: the question as a
-    chat turn (where the model has a chat template) and as bare text."""
-    if edit_format != "joint" or not item.question or item.question == item.prompt:
+    """The wordings trained with the edit prompt in the ``joint`` and ``lead`` formats: the
+    question as a chat turn (where the model has a chat template) and as bare text."""
+    if edit_format not in ("joint", "lead") or not item.question or item.question == item.prompt:
         return []
     forms = [render_chat(tok, item.question)] if has_chat_template(tok) else []
     return [*forms, item.question]
@@ -695,6 +697,9 @@ def _process(
     if not record["edited"]:
         return record
     also = other_wordings(item, settings.edit_format, scorer.tokenizer)
+    if settings.edit_format == "lead" and also and isinstance(editor, TPatcherEditor):
+        lead = editor.patcher.answer_lead(str(item.question), str(item.target))
+        also += [lead] if lead else []
     outcome = _safe_edit(editor, prompt, item.target, also)
     details = outcome.details
     record.update(

@@ -548,6 +548,18 @@ class WiseEditor(HookedEditor):
                     choice[row], best = i, value
         return choice
 
+    def route_scores(self, text: str) -> tuple[list[float], list[float]]:
+        """Each routed memory's activation score for ``text`` (its mean over the tokens, as
+        routing sees a prompt) and each memory's threshold: for diagnosing the routing."""
+        self._store = {}
+        enc = self.tokenizer(text, return_tensors="pt")
+        with eval_mode(self.model), torch.no_grad(), self._mode("capture"):
+            self.site.run(enc)
+        memories = self.routed()
+        a, out = self._store["act"], self._store["out"]
+        scores = [float(self.score(a, out, m.weight.to(a.device))[0].mean()) for m in memories]
+        return scores, [self._threshold(m) for m in memories]
+
     # -- editing -----------------------------------------------------------------------------
     def _batch(self, example: Example) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """The edit (row 0) and one irrelevant text (row 1), right-padded; real tokens."""

@@ -73,10 +73,13 @@ class PendingCounter:
 
 @dataclass(frozen=True)
 class EditJob:
-    """One validated edit: the rendered prompt and the target."""
+    """One validated edit: the rendered prompt, the target, other wordings to train with it
+    and, for ``wordings="auto"``, the question whose bare form and answer lead join them."""
 
     prompt: str
     target: str
+    also: tuple[str, ...] = ()
+    question: str | None = None
 
     @property
     def sha256(self) -> str:
@@ -177,8 +180,14 @@ class EditRunner:
         def progress(step: int, losses: dict[str, float]) -> None:
             _check(deadline)
 
+        also = list(job.also)
+        if job.question is not None:
+            lead = self.patcher.answer_lead(job.question, job.target)
+            also += [job.question, *([lead] if lead else [])]
         try:
-            return self.patcher.edit(job.prompt, job.target, publish=False, progress=progress)
+            return self.patcher.edit(
+                job.prompt, job.target, publish=False, progress=progress, also=also
+            )
         except TrainingError as exc:
             return EditResult(None, False, 0, 0.0, 0, message=f"{TRAINING_FAILED}: {exc}")
 

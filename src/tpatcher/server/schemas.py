@@ -22,6 +22,7 @@ MAX_TARGET_CHARS = 2_000
 MAX_MESSAGES = 64
 #: Most edits in one batch request.
 MAX_BATCH = 32
+MAX_WORDINGS = 8
 #: Most stop sequences, and the longest one (as in the OpenAI API).
 MAX_STOP = 4
 MAX_STOP_CHARS = 64
@@ -106,7 +107,10 @@ class EditRequest(BaseModel):
     """One correction: ``prompt`` (or chat ``messages``) should be answered with ``target``.
 
     ``messages`` are rendered with the chat template and the generation prompt, so the
-    target is what the assistant should reply.
+    target is what the assistant should reply. ``also``: other wordings (raw prompts) that
+    must give the same target, trained jointly. ``wordings="auto"`` (``messages`` of one
+    user turn) adds the bare question and the model's own answer up to where it states the
+    answer, so the fix also reaches plain prompts and answers that restate the question.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -116,11 +120,19 @@ class EditRequest(BaseModel):
         None
     )
     target: Annotated[str, StringConstraints(min_length=1, max_length=MAX_TARGET_CHARS)]
+    also: Annotated[list[NonEmptyText], Field(max_length=MAX_WORDINGS)] = []
+    wordings: Literal["given", "auto"] = "given"
 
     @model_validator(mode="after")
     def _one_input(self) -> EditRequest:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of 'prompt' or 'messages'")
+        if self.wordings == "auto" and (
+            self.messages is None or [m.role for m in self.messages] != ["user"]
+        ):
+            raise ValueError("wordings 'auto' needs 'messages' holding one user message")
+        if any(not text.strip() for text in self.also):
+            raise ValueError("an 'also' wording is blank")
         if self.prompt is not None and not self.prompt.strip():
             raise ValueError("'prompt' is blank")
         if not self.target.strip():

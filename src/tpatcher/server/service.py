@@ -110,27 +110,33 @@ class Service:
     def edit_jobs(self, items: list[EditRequest]) -> list[EditJob]:
         """Validate every item before any trains (nothing changes if one is bad)."""
         jobs = []
-        limit = self.limits.max_edit_tokens
         for i, item in enumerate(items):
             where = f"edits[{i}]: " if len(items) > 1 else ""
             prompt = item.prompt if item.messages is None else self.render_chat(item.messages)
             assert prompt is not None
-            n = len(tokenize(self.tokenizer, prompt)["input_ids"])
-            if n > limit:
-                raise ServiceError(
-                    422,
-                    f"{where}the edit prompt is {n} tokens; this server accepts edit prompts "
-                    f"of at most {limit} tokens (--max-edit-tokens)",
-                    "invalid_request_error",
-                    "edit_prompt_too_long",
-                    limit=limit,
-                )
-            try:
-                self.patcher.encode(prompt, item.target)
-            except InvalidEditError as exc:
-                raise ServiceError(400, f"{where}{exc}", "invalid_request_error") from exc
-            jobs.append(EditJob(prompt, item.target))
+            question = item.messages[0].content if item.wordings == "auto" else None
+            for text in (prompt, *item.also, *([question] if question else [])):
+                self._check_edit_prompt(text, item.target, where)
+            jobs.append(EditJob(prompt, item.target, tuple(item.also), question))
         return jobs
+
+    def _check_edit_prompt(self, prompt: str, target: str, where: str) -> None:
+        """Refuse a wording over the token limit, or one that cannot be trained on."""
+        limit = self.limits.max_edit_tokens
+        n = len(tokenize(self.tokenizer, prompt)["input_ids"])
+        if n > limit:
+            raise ServiceError(
+                422,
+                f"{where}the edit prompt is {n} tokens; this server accepts edit prompts "
+                f"of at most {limit} tokens (--max-edit-tokens)",
+                "invalid_request_error",
+                "edit_prompt_too_long",
+                limit=limit,
+            )
+        try:
+            self.patcher.encode(prompt, target)
+        except InvalidEditError as exc:
+            raise ServiceError(400, f"{where}{exc}", "invalid_request_error") from exc
 
     def edit_info(self, edit_id: str) -> EditInfo:
         info = self._info(edit_id)
