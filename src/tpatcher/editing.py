@@ -209,18 +209,19 @@ def _mine_hard_negatives(
     the fix is undone and ends the mining. Returns the outcome and the inputs added."""
     steps, seconds, losses = first.steps, first.seconds, first.losses
     mined = memory[:0]
+    taken = torch.zeros(len(pool), dtype=torch.bool)  # already in the memory: not found twice
     for _ in range(config.hard_negative_rounds):
         with torch.no_grad():
             s_edit = neurons.pre_activation(q_edit).diagonal()
             excess = neurons.pre_activation(pool.to(q_edit.device)) - torch.minimum(
                 s_edit - config.margin, s_edit.new_tensor(beta)
             )
-            worst = excess.max(dim=1).values
-        hits = (worst > 0).nonzero().flatten()
+            worst = excess.max(dim=1).values.cpu()
+        hits = ((worst > 0) & ~taken).nonzero().flatten()
         if len(hits) == 0:
             break
         hits = hits[worst[hits].argsort(descending=True)[: config.memory_top_k]]
-        found = pool[hits.cpu()].to(memory.dtype)
+        found = pool[hits].to(memory.dtype)
         saved = {k: v.detach().clone() for k, v in neurons.state_dict().items()}
         again = train(torch.cat([memory, mined, found]))
         steps, seconds = steps + again.steps, seconds + again.seconds
@@ -228,6 +229,7 @@ def _mine_hard_negatives(
             neurons.load_state_dict(saved)
             break
         losses, mined = again.losses, torch.cat([mined, found])
+        taken[hits] = True
     return TrainOutcome(True, steps, seconds, dict(losses, mined=float(len(mined)))), mined
 
 
