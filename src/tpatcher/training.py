@@ -215,16 +215,21 @@ def train_edit(
                 fixed, stale = False, 0
         if step == config.max_steps:
             break
-        optimizer.zero_grad(set_to_none=True)
-        losses["total"].backward()
-        torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-        optimizer.step()
-        scheduler.step(float(losses["total"].detach()))
+        _step(optimizer, scheduler, params, losses["total"], config.grad_clip)
     if fixed and not confirmed and vocab.rows is not None:  # early_stop off, or at max_steps
         with torch.no_grad():
             fixed = bool((logits_fn(neurons, None).argmax(-1) == targets).all())
     values = {k: float(v.detach()) for k, v in losses.items() if k != "s_edit"}
     return TrainOutcome(fixed=fixed, steps=step, seconds=time.perf_counter() - start, losses=values)
+
+
+def _step(optimizer, scheduler, params: list[torch.Tensor], total: torch.Tensor, clip: float):
+    """One Adam step on the clipped gradient of ``total``; the plateau schedule follows it."""
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    torch.nn.utils.clip_grad_norm_(params, clip)
+    optimizer.step()
+    scheduler.step(float(total.detach()))
 
 
 def _memory_satisfied(

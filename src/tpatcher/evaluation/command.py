@@ -15,6 +15,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .protocol import METHODS, BenchSettings, run_benchmark
 from .report import results_table
 
+EDIT_FORMAT_HELP = (
+    "template, chat (the question through the chat template), joint (the template prompt "
+    "trained with the chat turn and the bare question) or lead (joint plus the model's own "
+    "chat answer up to where the answer is due); the last two tpatcher only"
+)
+
 
 def _json_option(text: str, name: str) -> dict[str, Any]:
     """A JSON object given on the command line, refused clearly when it is not one."""
@@ -73,15 +79,7 @@ def bench(
         bool,
         typer.Option(help="free-answer metrics: chat, bare question, unchanged general answers"),
     ] = True,
-    edit_format: Annotated[
-        str,
-        typer.Option(
-            help="template, chat (the question through the chat template), joint (the "
-            "template prompt trained with the chat turn and the bare question) or lead (joint "
-            "plus the model's own chat answer up to where the answer is due); the last two "
-            "tpatcher only"
-        ),
-    ] = "template",
+    edit_format: Annotated[str, typer.Option(help=EDIT_FORMAT_HELP)] = "template",
     general_questions: Annotated[
         int, typer.Option(help="general questions whose chat answers must not change (max 200)")
     ] = 200,
