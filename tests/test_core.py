@@ -201,7 +201,9 @@ def test_one_neuron_per_wrong_target_token_up_to_the_cap() -> None:
     assert patcher.edit(PROMPT, target).neurons == 4
     # SiLU neurons reach the two uncovered tokens through their tails; ReLU neurons cannot,
     # which is why the default cap is well above the reference implementation's 5
-    capped = make_patcher("llama", max_neurons_per_edit=2, neuron_activation=None)
+    capped = make_patcher(  # the paper's form: SiLU neurons trained at full strength
+        "llama", max_neurons_per_edit=2, neuron_activation=None, edit_headroom=1.0
+    )
     result = capped.edit(PROMPT, target)
     assert result.neurons <= 2 and capped.num_neurons == result.neurons
     assert result.success and result.neurons == 2
@@ -402,11 +404,15 @@ def test_patches_saved_before_neuron_activation_load_with_the_ffns_own(tmp_path)
     patcher.save(tmp_path)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     del manifest["activation"], manifest["config"]["neuron_activation"]  # the older format
+    del manifest["config"]["edit_headroom"], manifest["config"]["memory_chat_answers"]
     del manifest["checksum"]  # which had no manifest checksum either
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     loaded = Patcher.load(make_model("llama"), make_tokenizer("llama"), tmp_path)
     assert loaded.activation == "silu"
     assert torch.equal(logits(loaded, PROMPT), expected)
+    # further edits are made as the saved ones were, not with today's defaults
+    assert loaded.config.edit_headroom == 1.0 and loaded.config.memory_chat_answers == 0
+    assert PatcherConfig().edit_headroom != 1.0 and PatcherConfig().memory_chat_answers != 0
 
 
 def test_load_refuses_a_config_whose_neurons_differ_from_the_saved_ones(tmp_path) -> None:

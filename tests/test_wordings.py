@@ -3,12 +3,13 @@ wording trained with the edit so the fix reaches answers that first restate the 
 
 from __future__ import annotations
 
+import torch
 from test_core import MEMORY_TEXTS
 from tiny import make_model, make_tokenizer
 
 from tpatcher import Patcher, PatcherConfig
 from tpatcher.answers import first_sentence
-from tpatcher.wordings import answer_lead, first_target_logprob
+from tpatcher.wordings import answer_lead, first_target_logprobs
 
 QUESTION = "what is the capital of france"
 
@@ -20,6 +21,14 @@ def _chat_patcher() -> Patcher:
     return Patcher(make_model("llama"), tokenizer, config, memory_texts=MEMORY_TEXTS)
 
 
+def _alone(patcher: Patcher, text: str) -> float:
+    """The first target token's log-probability after ``text``, one sequence at a time."""
+    example = patcher.encode(text, "berlin")
+    with torch.no_grad():
+        logits = patcher.model(**example.inputs).logits[0, int(example.positions[0])]
+    return float(logits.float().log_softmax(-1)[int(example.targets[0])])
+
+
 def test_the_lead_is_the_answer_prefix_where_the_target_is_likeliest() -> None:
     patcher = _chat_patcher()
     prompt = patcher.chat_prompt(QUESTION)
@@ -28,7 +37,12 @@ def test_the_lead_is_the_answer_prefix_where_the_target_is_likeliest() -> None:
     assert len(words) > 2
     lead = patcher.answer_lead(QUESTION, "berlin", max_new_tokens=16)
     candidates = [prompt] + [prompt + " ".join(words[:j]) for j in range(1, len(words))]
-    scores = [first_target_logprob(patcher._site, patcher.encode(c, "berlin")) for c in candidates]
+    scores = [_alone(patcher, c) for c in candidates]
+    batched = first_target_logprobs(
+        patcher._site, [patcher.encode(c, "berlin") for c in candidates]
+    )
+    assert len(candidates) > 8  # more than one padded batch
+    assert torch.allclose(torch.tensor(batched), torch.tensor(scores), atol=1e-4)
     best = candidates[max(range(len(scores)), key=scores.__getitem__)]
     assert lead == (None if best == prompt else best)
     # the same through the module function with the answer given

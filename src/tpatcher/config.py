@@ -46,6 +46,10 @@ def neuron_activation_from_word(word: str) -> str | None:
     return None if word == "ffn" else word
 
 
+#: What a manifest saved before each of these fields existed meant by its absence.
+_BEFORE_THE_FIELD: dict[str, Any] = {"edit_headroom": 1.0, "memory_chat_answers": 0}
+
+
 @dataclass
 class PatcherConfig:
     """How patches are placed and trained.
@@ -83,6 +87,11 @@ class PatcherConfig:
         memory_top_k: ``L_mem`` averages the top-k memory terms of each new neuron.
         value_amplifier_init: Initial value of the trainable per-dimension amplifier that
             scales each new neuron's random value vector.
+        edit_headroom: The new neurons are trained at this fraction of their strength and
+            committed at full strength, so the fix holds with room to spare: also where they
+            fire up to ``1 / edit_headroom`` times more weakly than on the edit, as on a
+            paraphrase. ``1.0`` is the paper's (just enough to fix the edit); lower values
+            generalise further and leak more (BENCHMARKS.md, "Headroom and answers").
         vocab_candidates: Between full refreshes (every 10 steps) the edit loss normalises
             over each supervised position's top ``vocab_candidates`` tokens plus the targets,
             instead of the whole vocabulary; whether the edit is fixed is always decided on
@@ -109,6 +118,13 @@ class PatcherConfig:
             in part; without chat-formatted memory such a neuron also fires on unrelated chat
             questions. ``None``: when the tokenizer has a chat template. ``False`` is the
             paper's memory.
+        memory_chat_answers: With chat-formatted memory, let the unedited model answer each
+            memory turn (greedy, at most this many tokens) and keep the FFN inputs of the turn
+            and its answer too (at most another quarter of ``memory_size``). A neuron for a
+            target's second or later token keys on a position such as "... in 19" that recurs
+            inside free answers; without answer positions in memory it can fire there and
+            change an unrelated chat answer. ``0``: turns without answers. The answers are
+            generated once per model and memory texts and cached with the default bank.
         hard_negative_rounds: Hard-negative mining: after training, probe the new neurons on
             the mining pool (the memory texts' FFN inputs that the bank's size caps left
             out, at most ``negative_pool_size``); the inputs where a neuron exceeds beta, or
@@ -145,11 +161,13 @@ class PatcherConfig:
     activation_top_k: int = 5
     memory_top_k: int = 1000
     value_amplifier_init: float = 10.0
+    edit_headroom: float = 0.5
     vocab_candidates: int = 1024
     neuron_activation: str | None = "auto"
     memory_size: int = 20000
     include_default_memory: bool = False
     memory_chat_format: bool | None = None
+    memory_chat_answers: int = 48
     hard_negative_rounds: int = 0
     negative_pool_size: int = 200000
     add_edits_to_memory: bool = True
@@ -163,9 +181,12 @@ class PatcherConfig:
         for name in positive_ints:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"PatcherConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.hard_negative_rounds < 0 or self.negative_pool_size < 0:
+        for name in ("hard_negative_rounds", "negative_pool_size", "memory_chat_answers"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"PatcherConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 < self.edit_headroom <= 1:
             raise ValueError(
-                "PatcherConfig.hard_negative_rounds and negative_pool_size must be >= 0"
+                f"PatcherConfig.edit_headroom must be in (0, 1], got {self.edit_headroom}"
             )
         if self.lr <= 0:
             raise ValueError(f"PatcherConfig.lr must be > 0, got {self.lr}")
@@ -225,11 +246,15 @@ class PatcherConfig:
 
         Patches saved before ``neuron_activation`` existed have no such field; their neurons
         use the FFN's own activation, so that is what they load with (not today's default).
+        Likewise later fields take the value that matched their absence
+        (:data:`_BEFORE_THE_FIELD`), so further edits are made as the saved ones were.
         ``"auto"`` becomes the activation it gave when the patch was saved, so a change of
         what ``"auto"`` means never strands a saved patch.
         """
         data = dict(manifest.get("config") or {})
         data.setdefault("neuron_activation", None)
+        for name, before in _BEFORE_THE_FIELD.items():
+            data.setdefault(name, before)
         if data["neuron_activation"] == "auto" and manifest.get("activation"):
             data["neuron_activation"] = manifest["activation"]  # what "auto" gave then
         return cls.from_dict(data)

@@ -165,16 +165,20 @@ def train_edit_neurons(
         activation=layer.activation,
         amplifier_init=config.value_amplifier_init,
         generator=torch.Generator().manual_seed(seed),
+        strength=config.edit_headroom,
     ).to(q_edit.device)
     device = caps[0].logits.device
     pairs = zip(examples, caps, strict=True)
     logits_fns = [_logits_fn(site, layer, config, e, c) for e, c in pairs]
     targets = torch.cat([e.targets.to(device) for e in examples])
+    logits_fn = _joint_logits_fn(logits_fns)
+    if neurons.strength != 1.0 and site.task != "seq-cls":
+        logits_fn, targets = _at_both_strengths(logits_fn), torch.cat([targets, targets])
 
     def train(bank: torch.Tensor) -> TrainOutcome:
         return train_edit(
             neurons,
-            _joint_logits_fn(logits_fns),
+            logits_fn,
             targets,
             q_edit,
             bank.to(device=q_edit.device, dtype=q_edit.dtype),
@@ -192,6 +196,26 @@ def train_edit_neurons(
             neurons, q_edit, train, outcome, memory, pool, config, beta
         )
     return TrainedNeurons(neurons, outcome, torch.cat([memory_of_edit, mined.cpu()]))
+
+
+def _at_both_strengths(fn: LogitsFn) -> LogitsFn:
+    """The logits with the new neurons at their training strength, then at full strength.
+
+    Trained at the lower strength alone, neurons that fire a little on the edit's other
+    target positions could tip those at full strength; an edit counts as fixed at both. (A
+    classifier's edit has one position, and is verified at full strength afterwards.)
+    """
+
+    def both(neurons: NewNeurons, rows: VocabRows | None) -> torch.Tensor:
+        weak = fn(neurons, rows)
+        strength, neurons.strength = neurons.strength, 1.0
+        try:
+            full = fn(neurons, rows)
+        finally:
+            neurons.strength = strength
+        return torch.cat([weak, full])
+
+    return both
 
 
 def _mine_hard_negatives(

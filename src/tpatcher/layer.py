@@ -106,6 +106,7 @@ class NewNeurons(nn.Module):
         activation: str,
         amplifier_init: float,
         generator: torch.Generator,
+        strength: float = 1.0,
     ) -> None:
         super().__init__()
         n, d = q_edit.shape
@@ -117,6 +118,7 @@ class NewNeurons(nn.Module):
         self.direction = nn.Parameter(direction.to(q_edit.dtype))
         self.amplifier = nn.Parameter(torch.full((n, d), amplifier_init, dtype=q_edit.dtype))
         self.act = ACT2FN[activation]
+        self.strength = strength  # while training; committed neurons act at full strength
 
     @property
     def values(self) -> torch.Tensor:
@@ -128,7 +130,8 @@ class NewNeurons(nn.Module):
         return pre if self.biases is None else pre + self.biases
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
-        return neuron_output(q, self.keys, self.values, self.act, self.up_keys, self.biases)
+        out = neuron_output(q, self.keys, self.values, self.act, self.up_keys, self.biases)
+        return out if self.strength == 1.0 else out * self.strength
 
     def frozen(self, edit_id: str, dtype: torch.dtype, device: torch.device) -> NeuronState:
         """The trained neurons as committed state (amplifier folded into the values)."""

@@ -199,6 +199,31 @@ def default_bank(
         return cached_vectors(key, build)
 
 
+def chat_answer_vectors(
+    site: FFNSite,
+    tokenizer: PreTrainedTokenizerBase,
+    turns: Sequence[str],
+    max_new_tokens: int,
+    layer: PatchLayer,
+) -> torch.Tensor:
+    """FFN inputs of chat turns followed by the unedited model's own greedy answers, cached
+    per model and turns.
+
+    A free answer passes positions that many questions share ("... was founded in 19"): the
+    neurons for a target's later tokens key on such positions and, unless memory holds them,
+    fire inside unrelated answers. The answers are written with the patch switched off for
+    this thread only.
+    """
+    key = cache_key(site.fingerprint(), turns, f"chat-answers-{max_new_tokens}-v1")
+
+    def build() -> torch.Tensor:
+        texts = generate_continuations(site, tokenizer, turns, max_new_tokens, do_sample=False)
+        return ffn_inputs(site, tokenizer, texts)
+
+    with layer.private(enabled=False):
+        return cached_vectors(key, build)
+
+
 def build_memory_bank(
     site: FFNSite,
     tokenizer: PreTrainedTokenizerBase,
@@ -229,6 +254,13 @@ def build_memory_bank(
         left_out.append(rest)
         vectors = torch.cat([vectors, chat_vectors])
         source = f"{source}; the same as chat turns"
+        tokens = config.memory_chat_answers
+        if tokens and site.task == "causal-lm":
+            every = chat_answer_vectors(site, tokenizer, turns, tokens, layer)
+            answer_vectors, rest = split_sample(every, limit // 4, seed)
+            left_out.append(rest)
+            vectors = torch.cat([vectors, answer_vectors])
+            source = f"{source}, with the unedited model's answers ({tokens} tokens at most)"
     pool = None
     if config.hard_negative_rounds and left_out:
         pool = subsample(torch.cat(left_out), config.negative_pool_size, seed)

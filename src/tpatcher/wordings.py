@@ -14,6 +14,7 @@ import math
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 from .answers import first_sentence
 from .encoding import Example
@@ -21,13 +22,32 @@ from .ffn_site import FFNSite
 
 #: Longest lead tried, in words of the answer's first sentence.
 MAX_LEAD_WORDS = 24
+#: Candidate leads scored in one forward pass.
+BATCH = 8
 
 
-def first_target_logprob(site: FFNSite, example: Example) -> float:
-    """Log-probability of the first target token after the example's prompt."""
-    with torch.no_grad():
-        logits = site.logits_at(site.run(example.inputs), example.positions[:1])
-    return float(logits.float().log_softmax(-1)[0, int(example.targets[0])])
+def first_target_logprobs(site: FFNSite, examples: list[Example]) -> list[float]:
+    """Log-probability of each example's first target token after its prompt.
+
+    Examples go through the model in right-padded batches of :data:`BATCH`: padding after a
+    causal model's sequence leaves the logits before it as they are alone.
+    """
+    scores: list[float] = []
+    for start in range(0, len(examples), BATCH):
+        chunk = examples[start : start + BATCH]
+        width = max(e.inputs["input_ids"].shape[1] for e in chunk)
+        batch = {
+            key: torch.cat(
+                [F.pad(e.inputs[key], (0, width - e.inputs[key].shape[1])) for e in chunk]
+            )
+            for key in chunk[0].inputs
+        }
+        with torch.no_grad():
+            output = site.run(batch)
+        for row, example in enumerate(chunk):
+            logits = site.logits_at(output, example.positions[:1], row=row).float()
+            scores.append(float(logits.log_softmax(-1)[0, int(example.targets[0])]))
+    return scores
 
 
 def answer_lead(
@@ -40,10 +60,10 @@ def answer_lead(
     likeliest place is the opening of the answer, which the prompt itself already trains.
     """
     words = first_sentence(answer).split()[:MAX_LEAD_WORDS]
-    best, lead = first_target_logprob(site, encode(prompt)), None
-    for j in range(1, len(words)):  # a lead stops before the sentence's last word
-        text = prompt + " ".join(words[:j])
-        score = first_target_logprob(site, encode(text))
-        if score > best and math.isfinite(score):
-            best, lead = score, text
-    return lead
+    texts = [prompt] + [prompt + " ".join(words[:j]) for j in range(1, len(words))]
+    scores = first_target_logprobs(site, [encode(text) for text in texts])
+    # a lead stops before the sentence's last word; the first strict maximum wins
+    best = max(
+        range(len(texts)), key=lambda i: (scores[i] if math.isfinite(scores[i]) else -math.inf, -i)
+    )
+    return texts[best] if best else None

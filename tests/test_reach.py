@@ -1,0 +1,90 @@
+"""Two settings for fixes that reach further without leaking: chat memory with the model's
+own answers (the FFN inputs of each memory turn followed by the unedited model's greedy
+answer, built once and cached) and the edit headroom (neurons trained weaker than they are
+committed)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from test_core import PROMPT, make_patcher
+from tiny import make_model, make_tokenizer
+
+from tpatcher import Patcher, PatcherConfig
+from tpatcher import memory as memory_module
+from tpatcher.encoding import render_chat
+
+TEXTS = ["the weather today is good", "who wrote the famous novel", "paris is in france"]
+
+
+def _chat_tokenizer():
+    tokenizer = make_tokenizer("llama")
+    tokenizer.chat_template = "{% for m in messages %}<s> {{ m['content'] }} </s>{% endfor %} the"
+    return tokenizer
+
+
+def _patcher(answers: int) -> Patcher:
+    config = PatcherConfig(memory_chat_answers=answers)
+    return Patcher(make_model("llama"), _chat_tokenizer(), config, memory_texts=TEXTS)
+
+
+def _greedy_one_by_one(patcher: Patcher, prompt: str, tokens: int) -> str:
+    tok = patcher.tokenizer
+    enc = tok(prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = patcher.model.generate(
+            **enc, max_new_tokens=tokens, do_sample=False, pad_token_id=tok.pad_token_id
+        )
+    return prompt + tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def test_the_bank_holds_each_memory_turn_with_the_models_own_answer(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("TPATCHER_CACHE", str(tmp_path))
+    plain, answered = _patcher(0), _patcher(5)
+    assert "answers" not in plain.memory.source and "answers" in answered.memory.source
+    extra = answered.memory.vectors()[len(plain.memory) :]
+    turns = [render_chat(answered.tokenizer, t) for t in TEXTS]
+    written = [_greedy_one_by_one(answered, turn, 5) for turn in turns]
+    assert all(len(w) > len(t) for w, t in zip(written, turns, strict=True))
+    expected = answered.ffn_inputs(written).float()
+    assert extra.shape == expected.shape
+    assert torch.allclose(extra, expected, atol=1e-5)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the answers were generated again instead of read from the cache")
+
+    monkeypatch.setattr(memory_module, "generate_continuations", refuse)
+    again = _patcher(5)
+    assert torch.equal(again.memory.vectors(), answered.memory.vectors())
+
+
+def test_answers_need_chat_memory_and_a_non_negative_length() -> None:
+    tokenizer = make_tokenizer("llama")  # no chat template: no turns, so no answers either
+    config = PatcherConfig(memory_chat_answers=5)
+    patcher = Patcher(make_model("llama"), tokenizer, config, memory_texts=TEXTS)
+    assert "answers" not in patcher.memory.source
+    with pytest.raises(ValueError, match="memory_chat_answers"):
+        PatcherConfig(memory_chat_answers=-1)
+
+
+def _fixed_at(patcher: Patcher, fraction: float) -> bool:
+    """Whether the edit still holds with every committed neuron's value scaled by ``fraction``."""
+    state = patcher._layer.state
+    weaker = dataclasses.replace(state, values=state.values * fraction)
+    with patcher._layer.private(weaker):
+        return not patcher.is_mistake(PROMPT, "berlin")
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_headroom_trains_weaker_neurons_and_commits_them_at_full_strength(kind) -> None:
+    # small initial values, so that training (not the initialisation) sets their size
+    patchers = {h: make_patcher(kind, edit_headroom=h, value_amplifier_init=0.5) for h in (1, 0.05)}
+    for patcher in patchers.values():
+        assert patcher.edit(PROMPT, "berlin").success
+        assert not patcher.is_mistake(PROMPT, "berlin")  # committed at full strength
+    assert _fixed_at(patchers[0.05], 0.05)  # trained to hold at a twentieth of it
+    assert not _fixed_at(patchers[1], 0.05)  # the paper's form: no such room
+    with pytest.raises(ValueError, match="edit_headroom"):
+        PatcherConfig(edit_headroom=0)
