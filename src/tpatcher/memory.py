@@ -236,13 +236,17 @@ def build_memory_bank(
     ``hard_negative_rounds``, the vectors the size caps left out form the mining pool."""
     limit, seed = config.memory_size, config.seed
     left_out: list[torch.Tensor] = []
+
+    def keep(every: torch.Tensor, cap: int) -> torch.Tensor:
+        kept, rest = split_sample(every, cap, seed)
+        left_out.append(rest)
+        return kept
+
     if texts is None:
         vectors = default_bank(site, tokenizer, limit, seed, layer)
         source = DEFAULT_SOURCE
     else:
-        every = ffn_inputs(site, tokenizer, texts)
-        vectors, rest = split_sample(every, limit, seed)
-        left_out.append(rest)
+        vectors = keep(ffn_inputs(site, tokenizer, texts), limit)
         source = source or f"{len(texts)} user-supplied texts"
         if config.include_default_memory:
             vectors = torch.cat([vectors, default_bank(site, tokenizer, limit, seed, layer)])
@@ -250,16 +254,12 @@ def build_memory_bank(
     chat = config.memory_chat_format
     if chat or (chat is None and has_chat_template(tokenizer)):
         turns = [render_chat(tokenizer, t) for t in (texts or default_prompts())]
-        chat_vectors, rest = split_sample(ffn_inputs(site, tokenizer, turns), limit // 4, seed)
-        left_out.append(rest)
-        vectors = torch.cat([vectors, chat_vectors])
+        vectors = torch.cat([vectors, keep(ffn_inputs(site, tokenizer, turns), limit // 4)])
         source = f"{source}; the same as chat turns"
         tokens = config.memory_chat_answers
         if tokens and site.task == "causal-lm":
-            every = chat_answer_vectors(site, tokenizer, turns, tokens, layer)
-            answer_vectors, rest = split_sample(every, limit // 4, seed)
-            left_out.append(rest)
-            vectors = torch.cat([vectors, answer_vectors])
+            answered = chat_answer_vectors(site, tokenizer, turns, tokens, layer)
+            vectors = torch.cat([vectors, keep(answered, limit // 4)])
             source = f"{source}, with the unedited model's answers ({tokens} tokens at most)"
     pool = None
     if config.hard_negative_rounds and left_out:

@@ -62,8 +62,8 @@ def answer_lead(
     words = first_sentence(answer).split()[:MAX_LEAD_WORDS]
     texts = [prompt] + [prompt + " ".join(words[:j]) for j in range(1, len(words))]
     scores = first_target_logprobs(site, [encode(text) for text in texts])
-    # a lead stops before the sentence's last word; the first strict maximum wins
-    best = max(
-        range(len(texts)), key=lambda i: (scores[i] if math.isfinite(scores[i]) else -math.inf, -i)
-    )
-    return texts[best] if best else None
+    best, lead = scores[0], None  # a lead stops before the sentence's last word
+    for text, score in zip(texts[1:], scores[1:], strict=True):
+        if score > best and math.isfinite(score):
+            best, lead = score, text
+    return lead
