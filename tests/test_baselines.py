@@ -1,15 +1,14 @@
 """Tests for the baseline editors (FT-L, FT+KL, grace-tokens: the per-token GRACE variant).
 
-The behaviour that matters is tested on the real SmolLM2-135M with real CounterFact edits
-(read from the shared data folder, skipped when it is absent); every architecture's tail and
-the classifier path run on tiny random models. CPU time is dominated by full forward passes,
-so each real-model test makes few edits.
+The behaviour that matters is tested on the real SmolLM2-135M with CounterFact edits (the
+shared data folder's, or made-up ones in its format where a clone has none); every
+architecture's tail and the classifier path run on tiny random models. CPU time is dominated
+by full forward passes, so each real-model test makes few edits.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -21,16 +20,12 @@ from tpatcher import InvalidEditError, Patcher, load_model
 from tpatcher.encoding import encode_edit
 from tpatcher.evaluation.baselines import FTEditor, FTKLEditor, GraceTokensEditor
 
-DATA = Path(os.environ.get("TPATCHER_DATA", Path(__file__).parents[2] / "shared" / "data"))
-COUNTERFACT = DATA / "counterfact" / "counterfact-edit-1k.json"
 TASK_OF = {"bert": "seq-cls", "t5": "seq2seq", "t5-gated": "seq2seq", "bart": "seq2seq"}
 
 
 @pytest.fixture(scope="module")
-def records() -> list[dict]:
-    if not COUNTERFACT.is_file():
-        pytest.skip(f"CounterFact not found at {COUNTERFACT} (set TPATCHER_DATA)")
-    return json.loads(COUNTERFACT.read_text())[:40]
+def records(data_dir: Path) -> list[dict]:
+    return json.loads((data_dir / "counterfact" / "counterfact-edit-1k.json").read_text())[:40]
 
 
 @pytest.fixture(scope="module")

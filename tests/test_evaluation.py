@@ -36,8 +36,6 @@ from tpatcher.evaluation.protocol import (
 )
 from tpatcher.memory import default_prompts
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"no data directory at {DATA}")
 SMALL = dict(
     heldout=4, memory_records=20, general_prompts=2, general_tokens=16, general_questions=8
 )
@@ -92,9 +90,8 @@ def test_mean_ratio_perplexity() -> None:
 
 
 # -- data ------------------------------------------------------------------------------------
-@needs_data
-def test_zsre_splits_are_disjoint() -> None:
-    data = load_task("zsre", DATA, 500, seed=3, heldout=100)
+def test_zsre_splits_are_disjoint(data_dir: Path) -> None:
+    data = load_task("zsre", data_dir, 500, seed=3, heldout=100)
     stream = {it.uid for it in data.stream}
     held = {it.uid for it in data.train_heldout + data.test_heldout}
     assert len(data.stream) == 500 and len(data.train_heldout) == len(data.test_heldout) == 100
@@ -106,16 +103,15 @@ def test_zsre_splits_are_disjoint() -> None:
     probes |= {it.paraphrase for it in data.stream} | {it.loc_prompt for it in data.stream}
     assert not any(text.startswith(p) for text in data.memory_texts for p in probes if p)
     assert (
-        load_task("zsre", DATA, 5, seed=3).stream[0].uid
-        == load_task("zsre", DATA, 5, seed=3).stream[0].uid
+        load_task("zsre", data_dir, 5, seed=3).stream[0].uid
+        == load_task("zsre", data_dir, 5, seed=3).stream[0].uid
     )
-    counter = load_task("zsre", DATA, 5, seed=3, mode="counterfactual")
-    assert counter.stream[0].target != load_task("zsre", DATA, 5, seed=3).stream[0].target
+    counter = load_task("zsre", data_dir, 5, seed=3, mode="counterfactual")
+    assert counter.stream[0].target != load_task("zsre", data_dir, 5, seed=3).stream[0].target
 
 
-@needs_data
-def test_counterfact_splits_are_disjoint() -> None:
-    data = load_task("counterfact", DATA, 50, seed=1, heldout=20, memory_records=30)
+def test_counterfact_splits_are_disjoint(data_dir: Path) -> None:
+    data = load_task("counterfact", data_dir, 50, seed=1, heldout=20, memory_records=30)
     stream = {it.uid.split("-")[1] for it in data.stream}
     assert not stream & {it.uid.split("-")[1] for it in data.test_heldout}
     assert data.mode == "counterfactual" and len(data.memory_texts) == 30
@@ -136,13 +132,12 @@ def test_general_questions_are_200_distinct_and_not_memory() -> None:
     assert all(q.endswith("?") for q in questions)
 
 
-@needs_data
-def test_items_keep_their_raw_questions() -> None:
-    item = load_task("zsre", DATA, 3, seed=3).stream[0]
+def test_items_keep_their_raw_questions(data_dir: Path) -> None:
+    item = load_task("zsre", data_dir, 3, seed=3).stream[0]
     assert item.prompt == f"Question: {item.question}\nAnswer:"
     assert item.paraphrase == f"Question: {item.paraphrase_question}\nAnswer:"
     assert item.loc_prompt == f"Question: {item.loc_question}\nAnswer:"
-    cf = load_task("counterfact", DATA, 3, seed=1, heldout=2, memory_records=2).stream[0]
+    cf = load_task("counterfact", data_dir, 3, seed=1, heldout=2, memory_records=2).stream[0]
     assert (cf.question, cf.paraphrase_question) == (cf.prompt, cf.paraphrase)
     assert cf.loc_question == cf.loc_prompt
 
@@ -187,7 +182,6 @@ def test_generate_batches_by_budget_and_keeps_order() -> None:
 
 
 @pytest.mark.slow
-@needs_data
 def test_scorer_tokenises_like_patcher(one_thread) -> None:
     from tpatcher import Patcher, load_model
     from tpatcher.evaluation.metrics import Scorer
@@ -206,14 +200,15 @@ def test_scorer_tokenises_like_patcher(one_thread) -> None:
 
 
 @pytest.mark.slow
-@needs_data
-def test_zsre_mistakes_resume_matches_uninterrupted(tmp_path: Path, one_thread) -> None:
+def test_zsre_mistakes_resume_matches_uninterrupted(
+    data_dir: Path, tmp_path: Path, one_thread
+) -> None:
     def settings(out: Path) -> BenchSettings:
         return BenchSettings(
             task="zsre",
             methods=["tpatcher"],
             edits=5,
-            data_dir=str(DATA),
+            data_dir=str(data_dir),
             out_dir=str(out),
             checkpoint_every=10,  # the interruption below must checkpoint by itself
             **SMALL,
@@ -256,8 +251,7 @@ def test_zsre_mistakes_resume_matches_uninterrupted(tmp_path: Path, one_thread) 
 
 
 @pytest.mark.slow
-@needs_data
-def test_bench_command_counterfact(tmp_path: Path, one_thread) -> None:
+def test_bench_command_counterfact(data_dir: Path, tmp_path: Path, one_thread) -> None:
     import typer
     from typer.testing import CliRunner
 
@@ -268,7 +262,8 @@ def test_bench_command_counterfact(tmp_path: Path, one_thread) -> None:
     app.command("noop")(lambda: None)  # two commands, so "bench" is addressed by name
     out = tmp_path / "cf"
     args = ["bench", "--task", "counterfact", "--methods", "tpatcher", "--edits", "3"]
-    args += ["--data", str(DATA), "--out", str(out), "--heldout", "4", "--memory-records", "20"]
+    args += ["--data", str(data_dir), "--out", str(out), "--heldout", "4"]
+    args += ["--memory-records", "20"]
     args += ["--general-prompts", "2", "--general-tokens", "16", "--threads", "1"]
     args += ["--general-questions", "8"]
     result = CliRunner().invoke(app, args, catch_exceptions=False)
@@ -354,8 +349,7 @@ def test_evaluate_state_by_hand() -> None:
 
 
 @pytest.mark.slow
-@needs_data
-def test_factcheck_tpatcher(tmp_path: Path, one_thread) -> None:
+def test_factcheck_tpatcher(data_dir: Path, tmp_path: Path, one_thread) -> None:
     factcheck = pytest.importorskip("tpatcher.evaluation.factcheck")
     folder = factcheck.classifier_dir(factcheck.ClassifierSettings())
     if not (folder / "config.json").is_file():
@@ -364,7 +358,7 @@ def test_factcheck_tpatcher(tmp_path: Path, one_thread) -> None:
         task="factcheck",
         methods=["tpatcher"],
         edits=8,
-        data_dir=str(DATA),
+        data_dir=str(data_dir),
         out_dir=str(tmp_path),
         heldout=8,
         memory_records=40,
