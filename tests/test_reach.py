@@ -9,7 +9,7 @@ import dataclasses
 
 import pytest
 import torch
-from test_core import PROMPT, make_patcher
+from test_core import MEMORY_TEXTS, PROMPT, make_patcher
 from tiny import make_model, make_tokenizer
 
 from tpatcher import Patcher, PatcherConfig
@@ -88,3 +88,28 @@ def test_headroom_trains_weaker_neurons_and_commits_them_at_full_strength(kind) 
     assert not _fixed_at(patchers[1], 0.05)  # the paper's form: no such room
     with pytest.raises(ValueError, match="edit_headroom"):
         PatcherConfig(edit_headroom=0)
+
+
+def _edit_pre_activations(patcher: Patcher) -> torch.Tensor:
+    """The committed neurons' pre-activations at the last token of PROMPT."""
+    state = patcher.neurons
+    pre = state.keys.float() @ patcher.ffn_inputs([PROMPT])[-1].float()
+    return pre if state.biases is None else pre + state.biases.float()
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_activation_floor_raises_the_edits_pre_activation_and_keeps_memory_silent(kind) -> None:
+    patchers = {f: make_patcher(kind, activation_floor=f) for f in (0.0, 4.0)}
+    for patcher in patchers.values():
+        assert patcher.edit(PROMPT, "berlin").success
+        assert not patcher.is_mistake(PROMPT, "berlin")
+    raised, paper = (float(_edit_pre_activations(patchers[f])[0]) for f in (4.0, 0.0))
+    assert raised >= 4.0 > paper  # the paper's form stops as soon as the edit is fixed
+    floored = patchers[4.0]
+    state = floored.neurons
+    memory = floored.ffn_inputs(MEMORY_TEXTS).float() @ state.keys.float().T
+    if state.biases is not None:
+        memory = memory + state.biases.float()
+    assert float(memory.max()) < 0  # the firing point moved, the memory stays silent
+    with pytest.raises(ValueError, match="activation_floor"):
+        PatcherConfig(activation_floor=-1)

@@ -83,7 +83,14 @@ class PatcherConfig:
             picks it from the FFN's activation (:data:`MEMORY_THRESHOLD_BY_ACTIVATION`).
         margin: ``gamma``: the edit's pre-activation must beat every memory pre-activation
             by this much.
-        activation_top_k: ``L_act`` averages the top-k of ``exp(-s)`` over the new neurons.
+        activation_top_k: ``L_act`` averages the top-k of ``exp(f - s)`` over the new neurons.
+        activation_floor: ``f``: ``L_act`` pushes each new neuron's pre-activation on its
+            edit above this value, and training stops early only once every neuron is there
+            (or the memory loss stops improving). ``0`` is the paper's. Memory inputs stay
+            below ``beta`` whatever it is, so a higher floor moves a neuron's firing point
+            (zero) away from its edit towards the memory inputs: other wordings of the edit,
+            which lie in between, start to fire, and so may unseen inputs as close to the
+            edit (BENCHMARKS.md, "Why paraphrases fail").
         memory_top_k: ``L_mem`` averages the top-k memory terms of each new neuron.
         value_amplifier_init: Initial value of the trainable per-dimension amplifier that
             scales each new neuron's random value vector.
@@ -159,6 +166,7 @@ class PatcherConfig:
     memory_threshold: float | None = None
     margin: float = 3.0
     activation_top_k: int = 5
+    activation_floor: float = 0.0
     memory_top_k: int = 1000
     value_amplifier_init: float = 10.0
     edit_headroom: float = 0.5
@@ -187,6 +195,11 @@ class PatcherConfig:
         if not 0 < self.edit_headroom <= 1:
             raise ValueError(
                 f"PatcherConfig.edit_headroom must be in (0, 1], got {self.edit_headroom}"
+            )
+        if not 0 <= self.activation_floor < 1e3:
+            raise ValueError(
+                f"PatcherConfig.activation_floor must be >= 0 (and finite), "
+                f"got {self.activation_floor}"
             )
         if self.lr <= 0:
             raise ValueError(f"PatcherConfig.lr must be > 0, got {self.lr}")

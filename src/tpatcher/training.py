@@ -92,7 +92,8 @@ def patch_losses(
     s_edit = (q_edit * neurons.keys).sum(-1)
     if neurons.biases is not None:
         s_edit = s_edit + neurons.biases
-    l_act = _top_mean(torch.exp((-s_edit).clamp(max=_MAX_EXPONENT)), config.activation_top_k)
+    floor = config.activation_floor
+    l_act = _top_mean(torch.exp((floor - s_edit).clamp(max=_MAX_EXPONENT)), config.activation_top_k)
     if memory.shape[0]:
         s_mem = neurons.pre_activation(memory)  # (N, n)
         silent = torch.exp((s_mem - beta).clamp(max=_MAX_EXPONENT))
@@ -207,7 +208,7 @@ def train_edit(
             else:
                 stale += 1
             if stale >= config.memory_patience or _memory_satisfied(
-                neurons, candidates, losses["s_edit"], beta, config.margin
+                neurons, candidates, losses["s_edit"], beta, config.margin, config.activation_floor
             ):
                 if vocab.confirm(logits_fn, neurons):  # decided on the whole vocabulary
                     confirmed = True
@@ -238,8 +239,12 @@ def _memory_satisfied(
     s_edit: torch.Tensor,
     beta: float,
     margin: float,
+    floor: float = 0.0,
 ) -> bool:
-    """Every memory pre-activation is below beta and below the edit's minus the margin."""
+    """Every memory pre-activation is below beta and below the edit's minus the margin, and
+    every new neuron's pre-activation on its edit is at least ``floor``."""
+    if floor > 0 and not bool((s_edit.detach() >= floor).all()):
+        return False
     if candidates.bank.shape[0] == 0:
         return True
     with torch.no_grad():
