@@ -113,3 +113,15 @@ def test_activation_floor_raises_the_edits_pre_activation_and_keeps_memory_silen
     assert float(memory.max()) < 0  # the firing point moved, the memory stays silent
     with pytest.raises(ValueError, match="activation_floor"):
         PatcherConfig(activation_floor=-1)
+
+
+def test_floor_on_the_first_position_only() -> None:
+    from tpatcher.editing import _floors
+
+    first = torch.tensor([True, False, True, False])
+    config = PatcherConfig(activation_floor=4.0, floor_first_position_only=True)
+    assert _floors(config, first).tolist() == [4.0, 0.0, 4.0, 0.0]
+    assert _floors(PatcherConfig(activation_floor=4.0), first).tolist() == [4.0] * 4
+    patcher = make_patcher("llama", activation_floor=4.0, floor_first_position_only=True)
+    assert patcher.edit(PROMPT, "berlin").success
+    assert float(_edit_pre_activations(patcher)[0]) >= 4.0  # the first target token's neuron

@@ -91,6 +91,10 @@ class PatcherConfig:
             (zero) away from its edit towards the memory inputs: other wordings of the edit,
             which lie in between, start to fire, and so may unseen inputs as close to the
             edit (BENCHMARKS.md, "Why paraphrases fail").
+        floor_first_position_only: Apply ``activation_floor`` only to the neurons placed where
+            a wording's first target token is due (where a paraphrase's answer is decided);
+            neurons of later target tokens key on positions such as "... in 19" that recur
+            inside free answers, and keep the paper's floor of 0.
         memory_top_k: ``L_mem`` averages the top-k memory terms of each new neuron.
         value_amplifier_init: Initial value of the trainable per-dimension amplifier that
             scales each new neuron's random value vector.
@@ -167,6 +171,7 @@ class PatcherConfig:
     margin: float = 3.0
     activation_top_k: int = 5
     activation_floor: float = 0.0
+    floor_first_position_only: bool = False
     memory_top_k: int = 1000
     value_amplifier_init: float = 10.0
     edit_headroom: float = 0.5

@@ -147,15 +147,18 @@ def train_edit_neurons(
     the inputs of ``pool`` the trained neurons fire on join the memory and training goes on.
     """
     caps = [site.capture(e.inputs, e.positions) for e in examples]
-    own, sites = [], []
+    own, sites, firsts = [], [], []
     for cap, example in zip(caps, examples, strict=True):
         q_all = cap.q_all.to(torch.promote_types(cap.q_all.dtype, torch.float32))
         positions = example.positions.to(q_all.device)
         own.append(q_all[positions] if site.task == "seq-cls" else q_all)
-        sites.append(q_all[positions[wrong_positions(cap, example).to(q_all.device)]])
+        wrong = wrong_positions(cap, example)
+        sites.append(q_all[positions[wrong.to(q_all.device)]])
+        firsts.append(wrong == 0)
     memory_of_edit = torch.cat(own).detach().cpu()
     limit = 1 if site.task == "seq-cls" else config.max_neurons_per_edit
     q_edit = torch.cat(sites)[:limit]
+    floor = _floors(config, torch.cat(firsts)[:limit]).to(q_edit.device, q_edit.dtype)
     if len(q_edit) == 0:
         return TrainedNeurons(None, None, memory_of_edit)
     neurons = NewNeurons(
@@ -187,6 +190,7 @@ def train_edit_neurons(
             memory_weight=memory_weight,
             vocab_size=caps[0].logits.shape[-1],
             progress=progress,
+            floor=floor,
         )
 
     outcome = train(memory)
@@ -196,6 +200,13 @@ def train_edit_neurons(
             neurons, q_edit, train, outcome, memory, pool, config, beta
         )
     return TrainedNeurons(neurons, outcome, torch.cat([memory_of_edit, mined.cpu()]))
+
+
+def _floors(config: PatcherConfig, first: torch.Tensor) -> torch.Tensor:
+    """Each new neuron's activation floor; ``first`` marks the neurons placed where a
+    wording's first target token is due."""
+    floor = torch.full(first.shape, float(config.activation_floor))
+    return floor * first if config.floor_first_position_only else floor
 
 
 def _at_both_strengths(fn: LogitsFn) -> LogitsFn:

@@ -85,14 +85,15 @@ def patch_losses(
     config: PatcherConfig,
     beta: float,
     memory_weight: float,
+    floor: torch.Tensor | float = 0.0,
 ) -> dict[str, torch.Tensor]:
-    """All terms of the objective; ``q_edit`` (n, d) holds each new neuron's own FFN input."""
+    """All terms of the objective; ``q_edit`` (n, d) holds each new neuron's own FFN input
+    and ``floor`` the pre-activation ``L_act`` pushes it above (per neuron, or one value)."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     l_edit = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
     s_edit = (q_edit * neurons.keys).sum(-1)
     if neurons.biases is not None:
         s_edit = s_edit + neurons.biases
-    floor = config.activation_floor
     l_act = _top_mean(torch.exp((floor - s_edit).clamp(max=_MAX_EXPONENT)), config.activation_top_k)
     if memory.shape[0]:
         s_mem = neurons.pre_activation(memory)  # (N, n)
@@ -157,14 +158,16 @@ def train_edit(
     memory_weight: float,
     vocab_size: int,
     progress: Callable[[int, dict[str, float]], None] | None = None,
+    floor: torch.Tensor | float | None = None,
 ) -> TrainOutcome:
     """Optimise ``neurons`` until the edit is fixed and the memory loss stops improving.
 
     ``logits_fn(neurons, rows)`` returns the logits at the supervised positions, over the
     vocabulary ``rows`` (all of it when ``rows`` is None). Raises :class:`TrainingError` on
-    a non-finite loss.
+    a non-finite loss. ``floor`` overrides ``config.activation_floor`` (per neuron).
     """
     start = time.perf_counter()
+    floor = config.activation_floor if floor is None else floor
     params = [p for p in neurons.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -193,6 +196,7 @@ def train_edit(
             config=config,
             beta=beta,
             memory_weight=memory_weight,
+            floor=floor,
         )
         if not torch.isfinite(losses["total"]):
             raise TrainingError(
@@ -208,7 +212,7 @@ def train_edit(
             else:
                 stale += 1
             if stale >= config.memory_patience or _memory_satisfied(
-                neurons, candidates, losses["s_edit"], beta, config.margin, config.activation_floor
+                neurons, candidates, losses["s_edit"], beta, config.margin, floor
             ):
                 if vocab.confirm(logits_fn, neurons):  # decided on the whole vocabulary
                     confirmed = True
@@ -239,11 +243,12 @@ def _memory_satisfied(
     s_edit: torch.Tensor,
     beta: float,
     margin: float,
-    floor: float = 0.0,
+    floor: torch.Tensor | float = 0.0,
 ) -> bool:
     """Every memory pre-activation is below beta and below the edit's minus the margin, and
     every new neuron's pre-activation on its edit is at least ``floor``."""
-    if floor > 0 and not bool((s_edit.detach() >= floor).all()):
+    floor = torch.as_tensor(floor, dtype=s_edit.dtype, device=s_edit.device)
+    if not bool(((s_edit.detach() >= floor) | (floor <= 0)).all()):  # a floor of 0: no check
         return False
     if candidates.bank.shape[0] == 0:
         return True
