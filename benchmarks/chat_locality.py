@@ -12,52 +12,30 @@ and whether the position lies in the prompt or in the model's own answer.
 
 from __future__ import annotations
 
-import argparse
 import json
-from pathlib import Path
 
-import torch
+from saved_run import open_run, pre_activations
 
 from tpatcher import Patcher
 from tpatcher.encoding import render_chat
-from tpatcher.evaluation.data import load_task
 from tpatcher.evaluation.metrics import Scorer
 from tpatcher.evaluation.protocol import same_answer
-from tpatcher.models import load_model
 
 
 def firing(patcher: Patcher, text: str) -> list[tuple[int, int, float]]:
     """(position, neuron, pre-activation) wherever a committed neuron fires on ``text``."""
-    state = patcher.neurons
-    pre = patcher.ffn_inputs([text]).float() @ state.keys.float().T
-    if state.biases is not None:
-        pre = pre + state.biases.float()
+    pre = pre_activations(patcher, text)
     return [(int(i), int(j), round(float(pre[i, j]), 2)) for i, j in (pre > 0).nonzero()]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("run", help="the bench --out folder of a finished tpatcher run")
-    ap.add_argument("--edits", type=int, required=True, help="the run's --edits")
-    ap.add_argument("--heldout", type=int, default=20, help="the run's --heldout")
-    ap.add_argument("--memory-records", type=int, default=200, help="the run's --memory-records")
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--data", default="../shared/data")
-    args = ap.parse_args()
-    torch.set_num_threads(1)
-    run = Path(args.run)
-    model, tok = load_model(args.model)
-    base = json.loads((run / "base.json").read_text("utf-8"))["real_use"]
-    final = json.loads((run / "tpatcher" / "final.json").read_text("utf-8"))
-    data = load_task(
-        "zsre", args.data, args.edits, heldout=args.heldout, memory_records=args.memory_records
-    )
-    by_uid = {it.uid: it for it in data.stream}
+    saved = open_run(__doc__.split("\n\n")[0])
+    patcher, final, by_uid = saved.patcher, saved.final, saved.items
+    model, tok = patcher.model, patcher.tokenizer
+    base = json.loads((saved.folder / "base.json").read_text("utf-8"))["real_use"]
     target_of = {r["edit_id"]: r["target"] for r in final["records"] if r.get("edit_id")}
     items = [by_uid[r["uid"]] for r in final["records"] if r["edited"]]
     items = [it for it in items if it.uid in base["loc"]]
-    state = run / "tpatcher" / f"state-{args.edits}"
-    patcher = Patcher.load(model, tok, state, memory_texts=["unused"])  # no edits to train
     owners = patcher.neurons.owners
     scorer = Scorer(model, tok)
     prompts = [render_chat(tok, str(it.loc_question)) for it in items]

@@ -20,26 +20,19 @@ for values that carry across contexts.
 
 from __future__ import annotations
 
-import argparse
-import json
 from collections import Counter
-from pathlib import Path
 
 import torch
+from saved_run import open_run, pre_activations
 
 from tpatcher import Patcher
-from tpatcher.evaluation.data import load_task
 from tpatcher.evaluation.metrics import Scorer
-from tpatcher.models import load_model
 
 
-def pre_activations(patcher: Patcher, prompt: str) -> torch.Tensor:
+def last_token_pre(patcher: Patcher, prompt: str) -> torch.Tensor:
     """Every committed neuron's pre-activation at the last token of ``prompt``: where a
     causal model's first target token is due."""
-    state = patcher.neurons
-    q = patcher.ffn_inputs([prompt])[-1].float()
-    pre = state.keys.float() @ q
-    return pre + state.biases.float() if state.biases is not None else pre
+    return pre_activations(patcher, prompt)[-1]
 
 
 def first_neuron(patcher: Patcher, edit_id: str, edit_pre: torch.Tensor) -> int | None:
@@ -49,36 +42,22 @@ def first_neuron(patcher: Patcher, edit_id: str, edit_pre: torch.Tensor) -> int 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("run", help="the bench --out folder of a finished tpatcher run")
-    ap.add_argument("--edits", type=int, required=True, help="the run's --edits")
-    ap.add_argument("--heldout", type=int, default=20, help="the run's --heldout")
-    ap.add_argument("--memory-records", type=int, default=200, help="the run's --memory-records")
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--data", default="../shared/data")
-    args = ap.parse_args()
-    torch.set_num_threads(1)
-    run = Path(args.run)
-    model, tok = load_model(args.model)
-    final = json.loads((run / "tpatcher" / "final.json").read_text("utf-8"))
-    data = load_task(
-        "zsre", args.data, args.edits, heldout=args.heldout, memory_records=args.memory_records
-    )
-    by_uid = {it.uid: it for it in data.stream}
-    edited = [r for r in final["records"] if r["edited"] and r.get("edit_id")]
-    patcher = Patcher.load(model, tok, run / "tpatcher" / f"state-{args.edits}", memory_texts=["x"])
+    saved = open_run(__doc__.split("\n\n")[0])
+    patcher, by_uid = saved.patcher, saved.items
+    model, tok = patcher.model, patcher.tokenizer
+    edited = [r for r in saved.final["records"] if r["edited"] and r.get("edit_id")]
     headroom = float(patcher.config.edit_headroom)
     scorer = Scorer(model, tok)
     kinds: Counter[str] = Counter()
     ratios: list[float] = []
     for record in edited:
         item = by_uid[record["uid"]]
-        edit_pre = pre_activations(patcher, item.prompt)
+        edit_pre = last_token_pre(patcher, item.prompt)
         j = first_neuron(patcher, record["edit_id"], edit_pre)
         if j is None or float(edit_pre[j]) <= 0:
             kinds["no first neuron"] += 1
             continue
-        para_pre = pre_activations(patcher, str(item.paraphrase))
+        para_pre = last_token_pre(patcher, str(item.paraphrase))
         ratio = max(float(para_pre[j]), 0.0) / float(edit_pre[j])
         ratios.append(ratio)
         forced = scorer.forced([(str(item.paraphrase), item.target)])[0]
