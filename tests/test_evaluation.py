@@ -575,6 +575,14 @@ def test_bench_refuses_an_unknown_patcher_setting_at_once(tmp_path: Path) -> Non
     assert bad_json.exit_code == 2 and "not valid JSON" in bad_json.output
 
 
+def test_bench_patcher_option_names_the_papers_form() -> None:
+    from tpatcher import PatcherConfig
+    from tpatcher.evaluation.command import _patcher_option
+
+    assert PatcherConfig.from_dict(_patcher_option(" paper ")) == PatcherConfig.paper()
+    assert _patcher_option('{"max_steps": 5}') == {"max_steps": 5}
+
+
 # -- the protocol on a tiny model ----------------------------------------------------------
 def _tiny_tokenizer(chat: bool = True):
     """The tiny word tokenizer, with a one-line chat template (the question, then "answer")."""

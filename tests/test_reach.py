@@ -120,8 +120,31 @@ def test_floor_on_the_first_position_only() -> None:
 
     first = torch.tensor([True, False, True, False])
     config = PatcherConfig(activation_floor=4.0, floor_first_position_only=True)
-    assert _floors(config, first).tolist() == [4.0, 0.0, 4.0, 0.0]
-    assert _floors(PatcherConfig(activation_floor=4.0), first).tolist() == [4.0] * 4
+    assert _floors(config, 4.0, first).tolist() == [4.0, 0.0, 4.0, 0.0]
+    everywhere = PatcherConfig(activation_floor=4.0, floor_first_position_only=False)
+    assert _floors(everywhere, 4.0, first).tolist() == [4.0] * 4
+    # the default: 3 for generation with ReLU/GELU neurons; the paper's 0 for a classifier
+    # and for SiLU neurons; an explicit value wins
+    default = PatcherConfig()
+    assert default.resolved_activation_floor("causal-lm", "relu") == 3.0
+    assert default.resolved_activation_floor("seq2seq", "gelu_new") == 3.0
+    assert default.resolved_activation_floor("seq-cls", "gelu") == 0.0
+    assert default.resolved_activation_floor("causal-lm", "silu") == 0.0
+    assert config.resolved_activation_floor("seq-cls", "silu") == 4.0
     patcher = make_patcher("llama", activation_floor=4.0, floor_first_position_only=True)
     assert patcher.edit(PROMPT, "berlin").success
     assert float(_edit_pre_activations(patcher)[0]) >= 4.0  # the first target token's neuron
+
+
+def test_the_papers_form_in_one_setting() -> None:
+    paper = PatcherConfig.paper()
+    assert paper.neuron_activation is None and paper.max_neurons_per_edit == 5
+    assert paper.edit_headroom == 1.0 and paper.memory_chat_format is False
+    assert paper.resolved_activation_floor("causal-lm", "relu") == 0.0
+    assert PatcherConfig.paper(seed=3).seed == 3 and PatcherConfig.paper().seed == 0
+    patcher = Patcher(
+        make_model("llama"), make_tokenizer("llama"), paper, memory_texts=MEMORY_TEXTS
+    )
+    assert patcher.activation == "silu"  # the FFN's own, as in the paper
+    result = patcher.edit(PROMPT, "berlin")
+    assert result.success and 1 <= result.neurons <= 5

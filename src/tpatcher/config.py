@@ -1,5 +1,6 @@
 """The settings of one Patcher, with the paper's defaults (departures: ``neuron_activation``,
-``max_neurons_per_edit``).
+``max_neurons_per_edit``, ``memory_chat_format``, ``memory_chat_answers``, ``edit_headroom``,
+``activation_floor``; :meth:`PatcherConfig.paper` undoes them all).
 
 Every knob of Transformer-Patcher (Huang et al., ICLR 2023) lives here so that a run can be
 reproduced from the JSON manifest that :meth:`tpatcher.Patcher.save` writes.
@@ -46,8 +47,23 @@ def neuron_activation_from_word(word: str) -> str | None:
     return None if word == "ffn" else word
 
 
+#: The fields where tpatcher's defaults depart from the paper, at the paper's values.
+PAPER_FORM: dict[str, Any] = {
+    "neuron_activation": None,
+    "max_neurons_per_edit": 5,
+    "memory_chat_format": False,
+    "memory_chat_answers": 0,
+    "edit_headroom": 1.0,
+    "activation_floor": 0.0,
+}
+
 #: What a manifest saved before each of these fields existed meant by its absence.
-_BEFORE_THE_FIELD: dict[str, Any] = {"edit_headroom": 1.0, "memory_chat_answers": 0}
+_BEFORE_THE_FIELD: dict[str, Any] = {
+    "edit_headroom": 1.0,
+    "memory_chat_answers": 0,
+    "activation_floor": 0.0,
+    "floor_first_position_only": False,
+}
 
 
 @dataclass
@@ -86,7 +102,8 @@ class PatcherConfig:
         activation_top_k: ``L_act`` averages the top-k of ``exp(f - s)`` over the new neurons.
         activation_floor: ``f``: ``L_act`` pushes each new neuron's pre-activation on its
             edit above this value, and training stops early only once every neuron is there
-            (or the memory loss stops improving). ``0`` is the paper's. Memory inputs stay
+            (or the memory loss stops improving). ``0`` is the paper's; ``None`` means 3
+            for generation with ReLU or GELU neurons, else 0. Memory inputs stay
             below ``beta`` whatever it is, so a higher floor moves a neuron's firing point
             (zero) away from its edit towards the memory inputs: other wordings of the edit,
             which lie in between, start to fire, and so may unseen inputs as close to the
@@ -94,7 +111,8 @@ class PatcherConfig:
         floor_first_position_only: Apply ``activation_floor`` only to the neurons placed where
             a wording's first target token is due (where a paraphrase's answer is decided);
             neurons of later target tokens key on positions such as "... in 19" that recur
-            inside free answers, and keep the paper's floor of 0.
+            inside free answers, and keep the paper's floor of 0. ``False`` floors every
+            neuron.
         memory_top_k: ``L_mem`` averages the top-k memory terms of each new neuron.
         value_amplifier_init: Initial value of the trainable per-dimension amplifier that
             scales each new neuron's random value vector.
@@ -170,8 +188,8 @@ class PatcherConfig:
     memory_threshold: float | None = None
     margin: float = 3.0
     activation_top_k: int = 5
-    activation_floor: float = 0.0
-    floor_first_position_only: bool = False
+    activation_floor: float | None = None
+    floor_first_position_only: bool = True
     memory_top_k: int = 1000
     value_amplifier_init: float = 10.0
     edit_headroom: float = 0.5
@@ -201,7 +219,7 @@ class PatcherConfig:
             raise ValueError(
                 f"PatcherConfig.edit_headroom must be in (0, 1], got {self.edit_headroom}"
             )
-        if not 0 <= self.activation_floor < 1e3:
+        if self.activation_floor is not None and not 0 <= self.activation_floor < 1e3:
             raise ValueError(
                 f"PatcherConfig.activation_floor must be >= 0 (and finite), "
                 f"got {self.activation_floor}"
@@ -225,6 +243,15 @@ class PatcherConfig:
             return self.memory_weight
         return 5.0 if task == "seq-cls" else 10.0
 
+    def resolved_activation_floor(self, task: str, activation: str) -> float:
+        """``f`` for this task and neuron activation: 3 for generation with ReLU or GELU
+        neurons (BENCHMARKS.md, "Why paraphrases fail"); the paper's 0 for classification
+        and for SiLU neurons, where it was not measured (their ``beta`` of -8 leaves a band of
+        11 between memory and edit, which a small Llama's edit failed to cross)."""
+        if self.activation_floor is not None:
+            return self.activation_floor
+        return 0.0 if task == "seq-cls" or activation in AUTO_NEURON_ACTIVATION else 3.0
+
     def resolved_neuron_activation(self, ffn_activation: str, normed_output: bool = False) -> str:
         """The new neurons' activation on an FFN that uses ``ffn_activation`` (and whose
         output passes a norm of its own before the residual, ``normed_output``)."""
@@ -243,6 +270,11 @@ class PatcherConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def paper(cls, **overrides: Any) -> PatcherConfig:
+        """The paper's form: every departure listed in this module's docstring undone."""
+        return cls(**{**PAPER_FORM, **overrides})
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PatcherConfig:

@@ -158,7 +158,8 @@ def train_edit_neurons(
     memory_of_edit = torch.cat(own).detach().cpu()
     limit = 1 if site.task == "seq-cls" else config.max_neurons_per_edit
     q_edit = torch.cat(sites)[:limit]
-    floor = _floors(config, torch.cat(firsts)[:limit]).to(q_edit.device, q_edit.dtype)
+    floor = config.resolved_activation_floor(site.task, layer.activation)
+    floor = _floors(config, floor, torch.cat(firsts)[:limit]).to(q_edit.device, q_edit.dtype)
     if len(q_edit) == 0:
         return TrainedNeurons(None, None, memory_of_edit)
     neurons = NewNeurons(
@@ -202,10 +203,10 @@ def train_edit_neurons(
     return TrainedNeurons(neurons, outcome, torch.cat([memory_of_edit, mined.cpu()]))
 
 
-def _floors(config: PatcherConfig, first: torch.Tensor) -> torch.Tensor:
-    """Each new neuron's activation floor; ``first`` marks the neurons placed where a
-    wording's first target token is due."""
-    floor = torch.full(first.shape, float(config.activation_floor))
+def _floors(config: PatcherConfig, value: float, first: torch.Tensor) -> torch.Tensor:
+    """Each new neuron's activation floor (``value`` or 0); ``first`` marks the neurons
+    placed where a wording's first target token is due."""
+    floor = torch.full(first.shape, value)
     return floor * first if config.floor_first_position_only else floor
 
 

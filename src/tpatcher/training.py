@@ -158,16 +158,16 @@ def train_edit(
     memory_weight: float,
     vocab_size: int,
     progress: Callable[[int, dict[str, float]], None] | None = None,
-    floor: torch.Tensor | float | None = None,
+    floor: torch.Tensor | float = 0.0,
 ) -> TrainOutcome:
     """Optimise ``neurons`` until the edit is fixed and the memory loss stops improving.
 
     ``logits_fn(neurons, rows)`` returns the logits at the supervised positions, over the
     vocabulary ``rows`` (all of it when ``rows`` is None). Raises :class:`TrainingError` on
-    a non-finite loss. ``floor`` overrides ``config.activation_floor`` (per neuron).
+    a non-finite loss. ``floor`` is the pre-activation each new neuron is pushed above on
+    its edit (per neuron, or one value; 0 is the paper's).
     """
     start = time.perf_counter()
-    floor = config.activation_floor if floor is None else floor
     params = [p for p in neurons.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(

@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from ..config import PAPER_FORM
 from .protocol import METHODS, BenchSettings, run_benchmark
 from .report import results_table
 
@@ -31,6 +32,13 @@ def _json_option(text: str, name: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise typer.BadParameter(f"{name} must be a JSON object, e.g. '{{\"max_steps\": 500}}'")
     return value
+
+
+def _patcher_option(text: str) -> dict[str, Any]:
+    """``--patcher``: JSON ``PatcherConfig`` overrides, or ``paper`` for the paper's form."""
+    if text.strip() == "paper":
+        return dict(PAPER_FORM)
+    return _json_option(text, "--patcher")
 
 
 def bench(
@@ -64,7 +72,11 @@ def bench(
         int, typer.Option(help="full evaluation every K items for the plots (0: only at the end)")
     ] = 0,
     patcher: Annotated[
-        str, typer.Option(help="JSON PatcherConfig overrides, e.g. '{\"max_steps\": 500}'")
+        str,
+        typer.Option(
+            help="JSON PatcherConfig overrides, e.g. '{\"max_steps\": 500}', "
+            "or 'paper' for the paper's form"
+        ),
     ] = "{}",
     method_settings: Annotated[
         str, typer.Option(help='JSON settings per baseline, e.g. \'{"ft": {"lr": 1e-4}}\'')
@@ -100,7 +112,7 @@ def bench(
         general_tokens=general_tokens,
         checkpoint_every=checkpoint_every,
         eval_every=eval_every,
-        patcher=_json_option(patcher, "--patcher"),
+        patcher=_patcher_option(patcher),
         method_settings=_json_option(method_settings, "--method-settings"),
         real_use=real_use,
         edit_format=edit_format,
