@@ -120,9 +120,9 @@ def test_floor_on_the_first_position_only() -> None:
 
     first = torch.tensor([True, False, True, False])
     config = PatcherConfig(activation_floor=4.0, floor_first_position_only=True)
-    assert _floors(config, 4.0, first).tolist() == [4.0, 0.0, 4.0, 0.0]
+    assert _floors(config, "causal-lm", "relu", first).tolist() == [4.0, 0.0, 4.0, 0.0]
     everywhere = PatcherConfig(activation_floor=4.0, floor_first_position_only=False)
-    assert _floors(everywhere, 4.0, first).tolist() == [4.0] * 4
+    assert _floors(everywhere, "causal-lm", "relu", first).tolist() == [4.0] * 4
     # the default: 3 for generation with ReLU/GELU neurons; the paper's 0 for a classifier
     # and for SiLU neurons; an explicit value wins
     default = PatcherConfig()

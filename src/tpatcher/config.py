@@ -30,6 +30,11 @@ MEMORY_THRESHOLD_BY_ACTIVATION: dict[str, float] = {
     "swish": -8.0,
 }
 
+#: The default ``activation_floor`` per neuron activation, for generation (3 elsewhere; 0,
+#: the paper's, for classification). SiLU neurons' ``beta`` of -8 would leave a band of 11
+#: between memory and edit, which a small Llama's edit failed to cross; not measured at scale.
+DEFAULT_FLOOR_BY_ACTIVATION: dict[str, float] = {"silu": 0.0, "swish": 0.0}
+
 #: What ``neuron_activation="auto"`` gives new neurons on an FFN with this activation, where it
 #: differs from the FFN's own. SiLU's negative tail (SiLU(-2) = -0.24) leaks a patch into
 #: every token that the memory bank does not cover; over hundreds of edits that decays
@@ -245,12 +250,11 @@ class PatcherConfig:
 
     def resolved_activation_floor(self, task: str, activation: str) -> float:
         """``f`` for this task and neuron activation: 3 for generation with ReLU or GELU
-        neurons (BENCHMARKS.md, "Why paraphrases fail"); the paper's 0 for classification
-        and for SiLU neurons, where it was not measured (their ``beta`` of -8 leaves a band of
-        11 between memory and edit, which a small Llama's edit failed to cross)."""
+        neurons (BENCHMARKS.md, "Why paraphrases fail"), else the paper's 0
+        (:data:`DEFAULT_FLOOR_BY_ACTIVATION`)."""
         if self.activation_floor is not None:
             return self.activation_floor
-        return 0.0 if task == "seq-cls" or activation in AUTO_NEURON_ACTIVATION else 3.0
+        return 0.0 if task == "seq-cls" else DEFAULT_FLOOR_BY_ACTIVATION.get(activation, 3.0)
 
     def resolved_neuron_activation(self, ffn_activation: str, normed_output: bool = False) -> str:
         """The new neurons' activation on an FFN that uses ``ffn_activation`` (and whose

@@ -158,8 +158,8 @@ def train_edit_neurons(
     memory_of_edit = torch.cat(own).detach().cpu()
     limit = 1 if site.task == "seq-cls" else config.max_neurons_per_edit
     q_edit = torch.cat(sites)[:limit]
-    floor = config.resolved_activation_floor(site.task, layer.activation)
-    floor = _floors(config, floor, torch.cat(firsts)[:limit]).to(q_edit.device, q_edit.dtype)
+    floor = _floors(config, site.task, layer.activation, torch.cat(firsts)[:limit])
+    floor = floor.to(q_edit.device, q_edit.dtype)
     if len(q_edit) == 0:
         return TrainedNeurons(None, None, memory_of_edit)
     neurons = NewNeurons(
@@ -203,10 +203,10 @@ def train_edit_neurons(
     return TrainedNeurons(neurons, outcome, torch.cat([memory_of_edit, mined.cpu()]))
 
 
-def _floors(config: PatcherConfig, value: float, first: torch.Tensor) -> torch.Tensor:
-    """Each new neuron's activation floor (``value`` or 0); ``first`` marks the neurons
-    placed where a wording's first target token is due."""
-    floor = torch.full(first.shape, value)
+def _floors(config: PatcherConfig, task: str, activation: str, first: torch.Tensor) -> torch.Tensor:
+    """Each new neuron's activation floor; ``first`` marks the neurons placed where a
+    wording's first target token is due."""
+    floor = torch.full(first.shape, config.resolved_activation_floor(task, activation))
     return floor * first if config.floor_first_position_only else floor
 
 
