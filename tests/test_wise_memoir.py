@@ -14,6 +14,7 @@ import torch
 from tiny import MEMORY_TEXTS, logits_of, make_model, make_tokenizer, wide_llama
 
 from tpatcher import InvalidEditError, UnsupportedModelError
+from tpatcher.evaluation.grace import GraceEditor
 from tpatcher.evaluation.memoir import MemoirEditor
 from tpatcher.evaluation.wise import WiseEditor, side_layer, ties_merge
 
@@ -199,3 +200,40 @@ def test_memoir_real_smollm2_edit_and_unrelated_prompts() -> None:
     assert outcome.success, outcome.details
     assert torch.equal(logits_of(model, tok, unrelated), base)
     editor.close()
+
+
+@pytest.mark.parametrize(
+    ("cls", "extra"), [*METHODS, (GraceEditor, {})], ids=["wise", "memoir", "grace"]
+)
+def test_a_checkpoint_resumes_exactly_where_the_run_left_off(tmp_path, cls, extra) -> None:
+    """Saved after the first edit and loaded into a fresh editor on a fresh model, the run
+    goes on as the uninterrupted one: same later edits, same answers (WISE with a shard
+    saved and merged on the way)."""
+    if cls is WiseEditor:
+        extra = {"save_freq": 1, "merge_freq": 2}
+    tok = make_tokenizer("llama")
+    probes = [p for p, _ in EDITS] + UNRELATED
+    whole, resumed = (
+        cls(wide_llama(), tok, task="causal-lm", locality_texts=MEMORY_TEXTS, **extra)
+        for _ in range(2)
+    )
+
+    def same_answers() -> bool:
+        return torch.equal(
+            logits_of(whole.model, tok, probes), logits_of(resumed.model, tok, probes)
+        )
+
+    whole.edit(*EDITS[0])
+    whole.save_state(tmp_path / "state")
+    assert not same_answers()  # the fresh editor does not have the edit yet
+    resumed.load_state(tmp_path / "state")
+    assert resumed.num_edits == 1 and same_answers()
+    for prompt, target in EDITS[1:]:
+        first, second = whole.edit(prompt, target), resumed.edit(prompt, target)
+        assert first.details["losses"] == second.details["losses"]
+        assert first.success == second.success
+    assert same_answers()
+    if cls is WiseEditor:
+        assert len(resumed.merged) == 1 and len(resumed.shards) == 1
+    whole.close()
+    resumed.close()

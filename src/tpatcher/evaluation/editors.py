@@ -12,6 +12,7 @@ edits on a fresh model.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -21,6 +22,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..encoding import MODEL_KINDS, Example, encode_edit
@@ -95,6 +99,27 @@ class BaselineEditor(Editor):
             task=self.task,
             add_space_before_target=getattr(self.config, "add_space_before_target", True),
         )
+
+
+#: The file a baseline's :func:`write_state` writes into its checkpoint folder.
+STATE_FILE = "state.safetensors"
+
+
+def write_state(directory: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """A baseline's checkpoint: its tensors in one safetensors file, everything else as JSON
+    in the file's metadata (the harness writes each checkpoint into a fresh folder)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    flat = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    save_file(flat, str(directory / STATE_FILE), metadata={"state": json.dumps(meta)})
+
+
+def read_state(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors and metadata :func:`write_state` saved in ``directory``."""
+    with safe_open(str(Path(directory) / STATE_FILE), framework="pt") as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+        meta = json.loads((handle.metadata() or {}).get("state", "{}"))
+    return tensors, meta
 
 
 class TPatcherEditor(Editor):

@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -75,7 +76,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..encoding import Example
 from ..ffn_site import eval_mode
-from .editors import EditOutcome
+from .editors import EditOutcome, read_state, write_state
 from .wise import HookedEditor, Tail, frozen
 
 __all__ = ["Codebook", "GraceEditor", "GraceSettings"]
@@ -214,6 +215,26 @@ class GraceEditor(HookedEditor):
     @property
     def size(self) -> int:
         return self.codebook.size
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def save_state(self, directory: Path) -> None:
+        """The codebook (keys, values, radii, labels) and the seeded generator of the value
+        initialisation, so a resumed run goes on as an uninterrupted one."""
+        book = self.codebook
+        tensors = {"keys": book.keys, "values": book.values, "radii": book.radii}
+        tensors["generator"] = self._generator.get_state()
+        meta = {"edits": self.num_edits, "labels": [list(label) for label in book.labels]}
+        write_state(directory, tensors, meta)
+
+    def load_state(self, directory: Path) -> None:
+        """Load a :meth:`save_state` folder into this (freshly built) editor."""
+        tensors, meta = read_state(directory)
+        book, device = self.codebook, self.site.device
+        book.keys, book.values = tensors["keys"].to(device), tensors["values"].to(device)
+        book.radii = tensors["radii"].to(device)
+        book.labels = [tuple(int(t) for t in label) for label in meta["labels"]]
+        self._generator.set_state(tensors["generator"])
+        self.num_edits = int(meta["edits"])
 
     # -- inference ---------------------------------------------------------------------------
     def _route(self, a: torch.Tensor, output: torch.Tensor) -> torch.Tensor | None:

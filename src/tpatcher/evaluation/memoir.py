@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -61,7 +62,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..ffn_site import eval_mode
-from .editors import EditOutcome
+from .editors import EditOutcome, read_state, write_state
 from .wise import EarlyStop, HookedEditor, Tail, frozen
 
 __all__ = ["MemoirEditor", "MemoirSettings"]
@@ -236,6 +237,20 @@ class MemoirEditor(HookedEditor):
         result = output.clone()
         result[hit] = (output[hit].float() + self._memory_out(a[hit], chosen)).to(output.dtype)
         return result
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def save_state(self, directory: Path) -> None:
+        """The residual memory and the stored masks; the permutation and the background
+        features follow from the settings and the locality texts."""
+        masks = self.masks.to(torch.uint8)
+        write_state(directory, {"memory": self.memory, "masks": masks}, {"edits": self.num_edits})
+
+    def load_state(self, directory: Path) -> None:
+        """Load a :meth:`save_state` folder into this (freshly built) editor."""
+        tensors, meta = read_state(directory)
+        self.memory = tensors["memory"].to(self.memory.device)
+        self.masks = tensors["masks"].bool().to(self.masks.device)
+        self.num_edits = int(meta["edits"])
 
     # -- editing -----------------------------------------------------------------------------
     def _train_output(self, a: torch.Tensor, output: torch.Tensor) -> torch.Tensor:

@@ -58,6 +58,7 @@ from abc import abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -70,7 +71,7 @@ from ..adapters import ADAPTERS, find_adapter, get_submodule
 from ..encoding import Example
 from ..errors import UnsupportedModelError
 from ..ffn_site import eval_mode, input_device, is_conv1d
-from .editors import BaselineEditor, EditOutcome
+from .editors import BaselineEditor, EditOutcome, read_state, write_state
 
 __all__ = ["LateFFN", "WiseEditor", "WiseSettings", "ties_merge"]
 
@@ -559,6 +560,45 @@ class WiseEditor(HookedEditor):
         a, out = self._store["act"], self._store["out"]
         scores = [float(self.score(a, out, m.weight.to(a.device))[0].mean()) for m in memories]
         return scores, [self._threshold(m) for m in memories]
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def save_state(self, directory: Path) -> None:
+        """Every side memory, the open shard's gradient mask and the seeded generator, so a
+        resumed run goes on exactly as an uninterrupted one (no edit is replayed)."""
+        memories = self._memories()
+        tensors = {f"{key}.weight": memory.weight for key, memory in memories.items()}
+        tensors |= {
+            "weight_mask": self.weight_mask.to(torch.uint8),
+            "generator": self._generator.get_state(),
+        }
+        meta = {
+            "num_edits": self.num_edits,
+            "min_act": {key: memory.min_act for key, memory in memories.items()},
+            "merged": len(self.merged),
+            "shards": len(self.shards),
+        }
+        write_state(directory, tensors, meta)
+
+    def load_state(self, directory: Path) -> None:
+        """Load a :meth:`save_state` folder into this (freshly built) editor."""
+        tensors, meta = read_state(directory)
+        device = self.current.weight.device
+
+        def memory(key: str) -> SideMemory:
+            return SideMemory(tensors[f"{key}.weight"].to(device), float(meta["min_act"][key]))
+
+        self.current = memory("current")
+        self.merged = [memory(f"merged.{i}") for i in range(int(meta["merged"]))]
+        self.shards = [memory(f"shards.{i}") for i in range(int(meta["shards"]))]
+        self.weight_mask = tensors["weight_mask"].bool()
+        self._generator.set_state(tensors["generator"])
+        self.num_edits = int(meta["num_edits"])
+
+    def _memories(self) -> dict[str, SideMemory]:
+        merged = {f"merged.{i}": m for i, m in enumerate(self.merged)}
+        return {"current": self.current, **merged} | {
+            f"shards.{i}": m for i, m in enumerate(self.shards)
+        }
 
     # -- editing -----------------------------------------------------------------------------
     def _batch(self, example: Example) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
