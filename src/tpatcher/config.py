@@ -60,6 +60,7 @@ PAPER_FORM: dict[str, Any] = {
     "memory_chat_answers": 0,
     "edit_headroom": 1.0,
     "activation_floor": 0.0,
+    "prefix_negatives": 0,
 }
 
 #: What a manifest saved before each of these fields existed meant by its absence.
@@ -166,6 +167,11 @@ class PatcherConfig:
             memory) and training goes on, at most this many rounds. ``0`` (default, the
             paper) mines nothing.
         negative_pool_size: Most FFN inputs kept in the mining pool.
+        prefix_negatives: Contexts cut from the memory texts in which each edit's partial
+            answer (every target token but the last) is placed; the FFN inputs there are
+            negatives for this edit's training, so a neuron of a target's later token does
+            not fire after the same prefix in unrelated text (:mod:`tpatcher.prefix_negatives`).
+            ``0`` (the paper's) is off; causal LMs only.
         add_edits_to_memory: After each edit, its own FFN inputs join the memory bank so
             later neurons stay silent on earlier edits.
         training_loop: ``"cached"`` optimises on a one-off capture of the last FFN's inputs
@@ -206,6 +212,7 @@ class PatcherConfig:
     memory_chat_answers: int = 48
     hard_negative_rounds: int = 0
     negative_pool_size: int = 200000
+    prefix_negatives: int = 0
     add_edits_to_memory: bool = True
     training_loop: Literal["cached", "full"] = "cached"
     seed: int = 0
@@ -217,7 +224,8 @@ class PatcherConfig:
         for name in positive_ints:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"PatcherConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("hard_negative_rounds", "negative_pool_size", "memory_chat_answers"):
+        counts = ("hard_negative_rounds", "negative_pool_size", "memory_chat_answers")
+        for name in (*counts, "prefix_negatives"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"PatcherConfig.{name} must be >= 0, got {getattr(self, name)}")
         if not 0 < self.edit_headroom <= 1:

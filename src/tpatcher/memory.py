@@ -224,6 +224,13 @@ def chat_answer_vectors(
         return cached_vectors(key, build)
 
 
+def uses_chat_memory(config: PatcherConfig, tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether memory texts also go in as chat turns (``memory_chat_format``; by default
+    wherever the tokenizer has a chat template)."""
+    chat = config.memory_chat_format
+    return bool(chat or (chat is None and has_chat_template(tokenizer)))
+
+
 def build_memory_bank(
     site: FFNSite,
     tokenizer: PreTrainedTokenizerBase,
@@ -251,8 +258,7 @@ def build_memory_bank(
         if config.include_default_memory:
             vectors = torch.cat([vectors, default_bank(site, tokenizer, limit, seed, layer)])
             source = f"{source}; and {DEFAULT_SOURCE}"
-    chat = config.memory_chat_format
-    if chat or (chat is None and has_chat_template(tokenizer)):
+    if uses_chat_memory(config, tokenizer):
         turns = [render_chat(tokenizer, t) for t in (texts or default_prompts())]
         vectors = torch.cat([vectors, keep(ffn_inputs(site, tokenizer, turns), limit // 4)])
         source = f"{source}; the same as chat turns"

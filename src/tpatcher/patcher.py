@@ -29,7 +29,8 @@ from .errors import InvalidEditError, TPatcherError
 from .ffn_site import FFNSite, eval_mode
 from .layer import NeuronState, PatchLayer
 from .ledger import EditLedgerMixin, PatcherCheckpoint
-from .memory import MemoryBank, build_memory_bank, ffn_inputs
+from .memory import MemoryBank, build_memory_bank, default_prompts, ffn_inputs, uses_chat_memory
+from .prefix_negatives import PrefixNegatives, prefix_contexts
 from .saving import PatchSavingMixin
 from .switching import PatchSwitchMixin
 from .wordings import answer_lead
@@ -95,6 +96,7 @@ class Patcher(EditLedgerMixin, PatchSavingMixin, PatchSwitchMixin):
         self._memory_texts = list(memory_texts) if memory_texts is not None else None
         self._memory_source = memory_source
         self._memory: MemoryBank | None = None
+        self._prefix: PrefixNegatives | None = None
         self._records: dict[str, EditRecord] = {}
         self._pending: dict[str, tuple[NeuronState, EditRecord]] = {}
         self._directories: dict[Path, persistence.PatchDirectory] = {}
@@ -265,7 +267,7 @@ class Patcher(EditLedgerMixin, PatchSavingMixin, PatchSwitchMixin):
                     self._layer,
                     self.config,
                     examples,
-                    self.memory.vectors(),
+                    self._training_memory(example),
                     edit_id=edit_id or uuid.uuid4().hex[:12],
                     seed=self.config.seed + self._counter,
                     beta=self.beta,
@@ -298,6 +300,20 @@ class Patcher(EditLedgerMixin, PatchSavingMixin, PatchSwitchMixin):
                 self.publish(result.edit_id)
             result.published = publish
             return result
+
+    def _training_memory(self, example: Example) -> torch.Tensor:
+        """The bank, plus this edit's target-prefix negatives where they are on."""
+        bank = self.memory.vectors()
+        count = self.config.prefix_negatives
+        if not count or self.task != "causal-lm" or len(example.positions) < 2:
+            return bank
+        if self._prefix is None:
+            chat = self.tokenizer if uses_chat_memory(self.config, self.tokenizer) else None
+            texts = self._memory_texts or default_prompts()
+            contexts = prefix_contexts(texts, count, self.config.seed, chat)
+            self._prefix = PrefixNegatives(self._site, self.tokenizer, contexts)
+        negatives = self._prefix.vectors(example)
+        return torch.cat([bank, negatives.to(bank.device, bank.dtype)])
 
     def _check_new_id(self, edit_id: str | None) -> None:
         if edit_id is None:

@@ -17,9 +17,10 @@ atomically after every ``checkpoint_every`` items). An editor with ``save_state(
 ``load_state(dir)`` (T-Patcher's saves its patch directory; WISE, MEMOIR and GRACE their side
 memories or codebook) saves each checkpoint into a fresh folder ``state-<items>``;
 progress.json names it only once it is written, and older folders are deleted only after
-that, so the folder progress.json names always matches its records, whenever a crash comes. Resuming loads that folder into a freshly built editor. Any
-other editor is rebuilt by replaying its recorded edits in order on a fresh model
-(deterministic methods give the same model; the per-edit SR/GR already recorded are kept).
+that, so the folder progress.json names always matches its records, whenever a crash comes.
+Resuming loads that folder into a freshly built editor. Any other editor is rebuilt by
+replaying its recorded edits in order on a fresh model (deterministic methods give the same
+model; the per-edit SR/GR already recorded are kept).
 A finished method (``final.json``) is not rerun.
 """
 
