@@ -29,8 +29,8 @@ from .errors import InvalidEditError, TPatcherError
 from .ffn_site import FFNSite, eval_mode
 from .layer import NeuronState, PatchLayer
 from .ledger import EditLedgerMixin, PatcherCheckpoint
-from .memory import MemoryBank, build_memory_bank, default_prompts, ffn_inputs, uses_chat_memory
-from .prefix_negatives import PrefixNegatives, prefix_contexts
+from .memory import MemoryBank, build_memory_bank, ffn_inputs
+from .prefix_negatives import PrefixNegatives, build_prefix_negatives
 from .saving import PatchSavingMixin
 from .switching import PatchSwitchMixin
 from .wordings import answer_lead
@@ -308,10 +308,8 @@ class Patcher(EditLedgerMixin, PatchSavingMixin, PatchSwitchMixin):
         if not count or self.task != "causal-lm" or len(example.positions) < 2:
             return bank
         if self._prefix is None:
-            chat = self.tokenizer if uses_chat_memory(self.config, self.tokenizer) else None
-            texts = self._memory_texts or default_prompts()
-            contexts = prefix_contexts(texts, count, self.config.seed, chat)
-            self._prefix = PrefixNegatives(self._site, self.tokenizer, contexts)
+            texts = self._memory_texts
+            self._prefix = build_prefix_negatives(self._site, self.tokenizer, self.config, texts)
         negatives = self._prefix.vectors(example)
         return torch.cat([bank, negatives.to(bank.device, bank.dtype)])
 

@@ -27,8 +27,10 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from .capture import record
+from .config import PatcherConfig
 from .encoding import Example, render_chat, tokenize
 from .ffn_site import FFNSite, eval_mode
+from .memory import default_prompts, uses_chat_memory
 
 
 def prefix_contexts(
@@ -89,3 +91,17 @@ class PrefixNegatives:
                 input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **cache
             )
         return store["q"].float().cpu().reshape(n * k, -1)
+
+
+def build_prefix_negatives(
+    site: FFNSite,
+    tokenizer: PreTrainedTokenizerBase,
+    config: PatcherConfig,
+    texts: Sequence[str] | None,
+) -> PrefixNegatives:
+    """``config.prefix_negatives`` contexts from the memory texts (tpatcher's generic prompts
+    without them), as chat answers too where the memory bank holds chat turns."""
+    chat = tokenizer if uses_chat_memory(config, tokenizer) else None
+    source = texts or default_prompts()
+    contexts = prefix_contexts(source, config.prefix_negatives, config.seed, chat)
+    return PrefixNegatives(site, tokenizer, contexts)
