@@ -48,6 +48,8 @@ def test_contexts_are_cut_at_a_word_raw_and_as_chat_answers() -> None:
     chat = prefix_contexts(texts, 6, seed=1, tokenizer=tok)
     assert all("</s>" in c for c in chat[1::2]) and all("</s>" not in c for c in chat[::2])
     assert prefix_contexts([], 4, seed=0, tokenizer=None) == []
+    long = [" ".join(f"w{i}" for i in range(500))]  # a long text gives its opening only
+    assert all(len(c.split()) <= 64 for c in prefix_contexts(long, 20, seed=0, tokenizer=None))
 
 
 def _highest_pre_activation(patcher, vectors: torch.Tensor) -> float:

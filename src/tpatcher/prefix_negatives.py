@@ -32,20 +32,24 @@ from .encoding import Example, render_chat, tokenize
 from .ffn_site import FFNSite, eval_mode
 from .memory import default_prompts, uses_chat_memory
 
+#: Words kept of each memory text, so the contexts' cache stays small whatever the texts are.
+_MOST_WORDS = 64
+
 
 def prefix_contexts(
     texts: Sequence[str], count: int, seed: int, tokenizer: PreTrainedTokenizerBase | None
 ) -> list[str]:
-    """``count`` contexts cut from ``texts`` at a random word: raw, and (with a chat
-    ``tokenizer``) every second one as the opening of the answer to another text's turn."""
+    """``count`` contexts cut from ``texts`` (their first 64 words) at a random word: raw,
+    and (with a chat ``tokenizer``) every second one as the opening of the answer to another
+    text's turn."""
     rng = random.Random(seed)
-    pool = [t for t in texts if t.strip()]
+    pool = [t.split()[:_MOST_WORDS] for t in texts if t.strip()]  # long texts: their opening
     contexts: list[str] = []
     for i in range(count if pool else 0):
-        words = rng.choice(pool).split()
+        words = rng.choice(pool)
         cut = " ".join(words[: rng.randint(1, len(words))])
         if tokenizer is not None and i % 2:
-            cut = render_chat(tokenizer, rng.choice(pool)) + cut
+            cut = render_chat(tokenizer, " ".join(rng.choice(pool))) + cut
         contexts.append(cut)
     return contexts
 
