@@ -595,10 +595,11 @@ class WiseEditor(HookedEditor):
         self.num_edits = int(meta["num_edits"])
 
     def _memories(self) -> dict[str, SideMemory]:
-        merged = {f"merged.{i}": m for i, m in enumerate(self.merged)}
-        return {"current": self.current, **merged} | {
-            f"shards.{i}": m for i, m in enumerate(self.shards)
-        }
+        """Every side memory by its key in a checkpoint."""
+        memories = {"current": self.current}
+        memories.update({f"merged.{i}": m for i, m in enumerate(self.merged)})
+        memories.update({f"shards.{i}": m for i, m in enumerate(self.shards)})
+        return memories
 
     # -- editing -----------------------------------------------------------------------------
     def _batch(self, example: Example) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
