@@ -14,26 +14,12 @@ every token is the patch's tail.
 from __future__ import annotations
 
 import json
-import math
 
-import torch
 from saved_run import open_run, pre_activations
 
+from tpatcher.evaluation.metrics import Scorer, perplexity
+
 _SHOWN = 8
-
-
-def token_losses(patcher, text: str, prompt: str) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Each continuation token's negative log-likelihood with the patch on and off, and the
-    position of the first continuation token's prediction."""
-    ids = patcher.tokenizer(text, return_tensors="pt")["input_ids"]
-    start = len(patcher.tokenizer(prompt)["input_ids"])
-    gold = ids[0, start:, None]
-    with torch.no_grad():
-        on = torch.log_softmax(patcher.model(input_ids=ids).logits[0].float(), -1)
-        with patcher.disabled():
-            off = torch.log_softmax(patcher.model(input_ids=ids).logits[0].float(), -1)
-    nll = [-lp[start - 1 : -1].gather(1, gold)[:, 0] for lp in (on, off)]
-    return nll[0], nll[1], start - 1
 
 
 def main() -> None:
@@ -41,17 +27,17 @@ def main() -> None:
     patcher = saved.patcher
     general = json.loads((saved.folder / "base.json").read_text("utf-8"))["general"]
     target_of = {r["edit_id"]: r["target"] for r in saved.final["records"] if r.get("edit_id")}
-    state = patcher.neurons
+    state, scorer = patcher.neurons, Scorer(patcher.model, patcher.tokenizer)
     rows, total_on, total_off, count = [], 0.0, 0.0, 0
     for text, prompt in zip(general["texts"], general["prompts"], strict=True):
-        on, off, first = token_losses(patcher, text, prompt)
+        on = scorer.continuation_nll(text, prompt)
+        with patcher.disabled():
+            off = scorer.continuation_nll(text, prompt)
+        first = len(patcher.tokenizer(prompt)["input_ids"]) - 1  # predicts the first token
         if on.numel() == 0:
             continue
-        total_on, total_off, count = (
-            total_on + float(on.sum()),
-            total_off + float(off.sum()),
-            count + on.numel(),
-        )
+        total_on, total_off = total_on + float(on.sum()), total_off + float(off.sum())
+        count += on.numel()
         pre = pre_activations(patcher, text)
         ids = patcher.tokenizer(text)["input_ids"]
         for i, delta in enumerate((on - off).tolist()):
@@ -62,8 +48,8 @@ def main() -> None:
                 (delta, context, patcher.tokenizer.decode(ids[pos + 1]), j, float(pre[pos, j]))
             )
     rise = total_on - total_off
-    print(f"{count} tokens; perplexity {math.exp(total_off / count):.4f} -> "
-          f"{math.exp(total_on / count):.4f}; log-loss {rise:+.2f} nats in all")  # fmt: skip
+    print(f"{count} tokens; perplexity {perplexity(total_off, count):.4f} -> "
+          f"{perplexity(total_on, count):.4f}; log-loss {rise:+.2f} nats in all")  # fmt: skip
     rows.sort(key=lambda r: -abs(r[0]))
     for delta, context, token, j, value in rows[:_SHOWN]:
         norm = float(state.values[j].float().norm())

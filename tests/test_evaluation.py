@@ -487,6 +487,29 @@ def test_free_answers_stop_after_the_first_sentence() -> None:
     assert done.tolist() == [True, False, False, True, False, False]
 
 
+def test_perplexity_scores_only_the_continuation() -> None:
+    """Each continuation token's loss is the model's cross-entropy given everything before
+    it; the prompt's own tokens are not scored, and a text that is all prompt adds nothing."""
+    from tiny import make_model, make_tokenizer
+
+    from tpatcher.evaluation.metrics import Scorer
+
+    tok, model = make_tokenizer("llama"), make_model("llama")
+    scorer = Scorer(model, tok)
+    prompt, text = "the capital of", "the capital of france is paris"
+    ids = tok(text, return_tensors="pt")["input_ids"]
+    start = len(tok(prompt)["input_ids"])
+    with torch.no_grad():
+        full = model(input_ids=ids).logits[0, start - 1 : -1]
+    nll = scorer.continuation_nll(text, prompt)
+    assert nll.numel() == ids.shape[1] - start
+    expected = torch.nn.functional.cross_entropy(full, ids[0, start:], reduction="none")
+    assert torch.allclose(nll, expected, atol=1e-5)
+    assert scorer.continuation_nll(prompt, prompt).numel() == 0
+    ppl = scorer.perplexity([text, prompt], [prompt, prompt])
+    assert math.isclose(ppl, math.exp(float(nll.mean())), rel_tol=1e-6)
+
+
 def test_scorer_encodes_with_encode_edit() -> None:
     from tiny import make_model
 

@@ -250,18 +250,19 @@ class Scorer:
                 out += self.model(**enc).logits.argmax(-1).cpu().tolist()
         return out
 
+    def continuation_nll(self, text: str, prompt: str) -> torch.Tensor:
+        """The negative log-likelihood of each token of ``text`` after its ``prompt`` (the
+        generated continuation), on the CPU; empty when nothing follows the prompt."""
+        ids = self.tokenizer(text, return_tensors="pt")["input_ids"]
+        start = len(self.tokenizer(prompt)["input_ids"])
+        if ids.shape[1] - start < 1:
+            return torch.zeros(0)
+        with eval_mode(self.model), torch.no_grad():
+            logits = self.model(input_ids=ids.to(self.device)).logits[0].float().cpu()
+        logp = torch.log_softmax(logits[start - 1 : -1], -1)
+        return -logp.gather(1, ids[0, start:, None])[:, 0]
+
     def perplexity(self, texts: Sequence[str], prompts: Sequence[str]) -> float:
         """Perplexity of each text's part after its prompt (the generated continuation)."""
-        total, count = 0.0, 0
-        with eval_mode(self.model), torch.no_grad():
-            for text, prompt in zip(texts, prompts, strict=True):
-                ids = self.tokenizer(text, return_tensors="pt")["input_ids"]
-                start = len(self.tokenizer(prompt)["input_ids"])
-                if ids.shape[1] - start < 1:
-                    continue
-                logits = self.model(input_ids=ids.to(self.device)).logits[0].float().cpu()
-                logp = torch.log_softmax(logits[start - 1 : -1], -1)
-                gold = ids[0, start:]
-                total += float(-logp.gather(1, gold[:, None]).sum())
-                count += int(gold.numel())
-        return perplexity(total, count)
+        nll = [self.continuation_nll(t, p) for t, p in zip(texts, prompts, strict=True)]
+        return perplexity(sum(float(n.sum()) for n in nll), sum(n.numel() for n in nll))
