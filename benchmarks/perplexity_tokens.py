@@ -51,6 +51,7 @@ def main() -> None:
     print(f"{count} tokens; perplexity {perplexity(total_off, count):.4f} -> "
           f"{perplexity(total_on, count):.4f}; log-loss {rise:+.2f} nats in all")  # fmt: skip
     rows.sort(key=lambda r: -abs(r[0]))
+    rise = rise or float("inf")  # no change at all: every share below is 0%
     for delta, context, token, j, value in rows[:_SHOWN]:
         norm = float(state.values[j].float().norm())
         print(f"{delta:+.3f} nats ({delta / rise:.0%} of the change) ...{context!r} -> {token!r}: "

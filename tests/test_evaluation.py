@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -199,22 +200,33 @@ def test_scorer_tokenises_like_patcher(one_thread) -> None:
         assert forced.exact == (not patcher.is_mistake(prompt, target))
 
 
+def _zsre_settings(data_dir: Path, out: Path) -> BenchSettings:
+    return BenchSettings(
+        task="zsre",
+        methods=["tpatcher"],
+        edits=5,
+        data_dir=str(data_dir),
+        out_dir=str(out),
+        checkpoint_every=10,  # an interruption must checkpoint by itself
+        **SMALL,
+    )
+
+
+@pytest.fixture(scope="module")
+def zsre_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory, one_thread):
+    """A finished five-edit zsRE run of T-Patcher on SmolLM2: (results, its --out folder)."""
+    out = tmp_path_factory.mktemp("zsre") / "whole"
+    return run_benchmark(_zsre_settings(data_dir, out)), out
+
+
 @pytest.mark.slow
 def test_zsre_mistakes_resume_matches_uninterrupted(
-    data_dir: Path, tmp_path: Path, one_thread
+    data_dir: Path, tmp_path: Path, zsre_run
 ) -> None:
     def settings(out: Path) -> BenchSettings:
-        return BenchSettings(
-            task="zsre",
-            methods=["tpatcher"],
-            edits=5,
-            data_dir=str(data_dir),
-            out_dir=str(out),
-            checkpoint_every=10,  # the interruption below must checkpoint by itself
-            **SMALL,
-        )
+        return _zsre_settings(data_dir, out)
 
-    whole = run_benchmark(settings(tmp_path / "whole"))
+    whole, out = zsre_run
     first = run_benchmark(settings(tmp_path / "split"), stop_after=2, plots=False)
     assert not first["complete"]
     progress = json.loads((tmp_path / "split" / "tpatcher" / "progress.json").read_text())
@@ -241,13 +253,55 @@ def test_zsre_mistakes_resume_matches_uninterrupted(
     assert a["loc_tf"] <= 1.0 and a["ppl_base"] == whole["base"]["ppl"]
 
     # results and plots on disk; a finished run is not redone
-    out = tmp_path / "whole"
     saved = json.loads((out / "results.json").read_text())
     assert saved["methods"]["tpatcher"]["rel_tf"] == a["rel_tf"]
     for name in ("sme_running.png", "metrics_vs_edits.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     again = run_benchmark(settings(out), plots=False)
     assert _comparable(again["methods"]["tpatcher"]) == _comparable(a)
+
+
+def _diagnose(script: str, out: Path, data_dir: Path) -> str:
+    """The last lines a diagnosis script in ``benchmarks/`` prints for the run in ``out``."""
+    root = Path(__file__).resolve().parents[1]
+    args = ["--edits", "5", "--heldout", "4", "--memory-records", "20", "--data", str(data_dir)]
+    done = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / script), str(out), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+@pytest.mark.slow
+def test_diagnosis_scripts_agree_with_the_run(data_dir: Path, zsre_run) -> None:
+    """The benchmark diagnosis scripts reopen a finished run's patch and stream and count
+    what the run's own metrics counted."""
+    whole, out = zsre_run
+    result = whole["methods"]["tpatcher"]
+    edited = [r for r in result["records"] if r["edited"] and r.get("edit_id")]
+    assert edited
+
+    chat = _diagnose("chat_locality.py", out, data_dir).strip().splitlines()[-1]
+    changed, _, total = chat.split()[:3]
+    assert int(total) == len(edited)
+    assert int(changed) == round((1 - result["loc_chat"]) * len(edited))
+
+    ppl = _diagnose("perplexity_tokens.py", out, data_dir).splitlines()[0]
+    before, after = (float(x.rstrip(";")) for x in ppl.split("perplexity ")[1].split()[:3:2])
+    assert before == pytest.approx(result["ppl_base"], rel=1e-3)
+    assert after == pytest.approx(result["ppl"], rel=1e-3)
+
+    template = _diagnose("template_locality.py", out, data_dir).strip().splitlines()[-1]
+    assert template.endswith(f"over {len(edited)} edited items")
+    untouched = template.startswith("changed answer tokens: {}")
+    assert untouched == (result["loc_tf"] == 1.0)  # no teacher-forced answer token moved
+
+    paraphrases = _diagnose("generality.py", out, data_dir)
+    assert f"\n{len(edited)} edited items, edit_headroom" in paraphrases
 
 
 @pytest.mark.slow
