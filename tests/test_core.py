@@ -407,7 +407,7 @@ def test_patches_saved_before_neuron_activation_load_with_the_ffns_own(tmp_path)
     del manifest["activation"], manifest["config"]["neuron_activation"]  # the older format
     for later in ("edit_headroom", "memory_chat_answers", "activation_floor"):
         del manifest["config"][later]
-    del manifest["config"]["floor_first_position_only"]
+    del manifest["config"]["floor_first_position_only"], manifest["config"]["memory_questions"]
     del manifest["checksum"]  # which had no manifest checksum either
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     loaded = Patcher.load(make_model("llama"), make_tokenizer("llama"), tmp_path)
@@ -416,6 +416,7 @@ def test_patches_saved_before_neuron_activation_load_with_the_ffns_own(tmp_path)
     # further edits are made as the saved ones were, not with today's defaults
     assert loaded.config.edit_headroom == 1.0 and loaded.config.memory_chat_answers == 0
     assert loaded.config.activation_floor == 0.0 and not loaded.config.floor_first_position_only
+    assert not loaded.config.memory_questions and PatcherConfig().memory_questions
     assert PatcherConfig().edit_headroom != 1.0 and PatcherConfig().memory_chat_answers != 0
     assert PatcherConfig().resolved_activation_floor("causal-lm", "relu") != 0.0
 

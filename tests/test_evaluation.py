@@ -35,7 +35,7 @@ from tpatcher.evaluation.protocol import (
     general_questions,
     run_benchmark,
 )
-from tpatcher.memory import default_prompts
+from tpatcher.memory import default_prompts, default_questions
 
 SMALL = dict(
     heldout=4, memory_records=20, general_prompts=2, general_tokens=16, general_questions=8
@@ -128,9 +128,22 @@ def test_general_prompts_are_not_memory_prompts() -> None:
 def test_general_questions_are_200_distinct_and_not_memory() -> None:
     questions = general_questions()
     assert len(questions) == 200 and len(set(questions)) == 200
-    memory = {normalize_answer(p) for p in default_prompts()}
+    memory = {normalize_answer(p) for p in default_prompts() + default_questions()}
     assert not {normalize_answer(q) for q in questions} & memory
     assert all(q.endswith("?") for q in questions)
+
+
+def test_memory_questions_are_distinct_and_in_no_data_set(data_dir: Path) -> None:
+    """The chat memory's everyday questions are not the locality or edit questions of any
+    benchmark set, so no locality figure is measured on what memory held."""
+    questions = [normalize_answer(q) for q in default_questions()]
+    assert len(questions) > 250 and len(set(questions)) == len(questions)
+    for task, edits in (("zsre", 770), ("counterfact", 1000)):  # every record of the files
+        data = load_task(task, data_dir, edits, heldout=10, memory_records=10)
+        items = data.stream + data.train_heldout + data.test_heldout
+        asked = {str(q) for it in items for q in (it.question, it.paraphrase_question)}
+        asked |= {str(it.loc_question) for it in items} | set(data.memory_texts)
+        assert not {normalize_answer(q) for q in asked} & set(questions)
 
 
 def test_items_keep_their_raw_questions(data_dir: Path) -> None:

@@ -26,7 +26,7 @@ def _chat_tokenizer():
 
 
 def _patcher(answers: int) -> Patcher:
-    config = PatcherConfig(memory_chat_answers=answers)
+    config = PatcherConfig(memory_chat_answers=answers, memory_questions=False)
     return Patcher(make_model("llama"), _chat_tokenizer(), config, memory_texts=TEXTS)
 
 
@@ -148,3 +148,25 @@ def test_the_papers_form_in_one_setting() -> None:
     assert patcher.activation == "silu"  # the FFN's own, as in the paper
     result = patcher.edit(PROMPT, "berlin")
     assert result.success and 1 <= result.neurons <= 5
+
+
+def test_everyday_questions_join_chat_memory_with_every_opening_kept(tmp_path, monkeypatch) -> None:
+    """The bundled questions go in as chat turns, and each turn's last-token FFN input (where
+    a chat edit's first neuron sits) stays in the bank even when the size caps drop most."""
+    monkeypatch.setenv("TPATCHER_CACHE", str(tmp_path))
+    tokenizer = _chat_tokenizer()
+
+    def patcher(questions: bool) -> Patcher:
+        config = PatcherConfig(memory_questions=questions, memory_chat_answers=0, memory_size=40)
+        return Patcher(make_model("llama"), tokenizer, config, memory_texts=TEXTS)
+
+    without, with_questions = patcher(False), patcher(True)
+    assert "everyday questions" in with_questions.memory.source
+    assert "everyday questions" not in without.memory.source
+    turns = [render_chat(tokenizer, t) for t in TEXTS + memory_module.default_questions()]
+    bank = with_questions.memory.vectors()
+    assert len(bank) >= len(turns) > 40 // 4  # more openings than the chat turns' cap
+    openings = torch.stack([with_questions.ffn_inputs([turn])[-1].float() for turn in turns])
+    nearest = torch.cdist(openings, bank, compute_mode="donot_use_mm_for_euclid_dist").min(1).values
+    assert float(nearest.max()) < 1e-3  # every opening is in the bank
+    assert not PatcherConfig.paper().memory_questions

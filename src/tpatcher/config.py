@@ -1,6 +1,6 @@
 """The settings of one Patcher, with the paper's defaults (departures: ``neuron_activation``,
-``max_neurons_per_edit``, ``memory_chat_format``, ``memory_chat_answers``, ``edit_headroom``,
-``activation_floor``; :meth:`PatcherConfig.paper` undoes them all).
+``max_neurons_per_edit``, ``memory_chat_format``, ``memory_chat_answers``, ``memory_questions``,
+``edit_headroom``, ``activation_floor``; :meth:`PatcherConfig.paper` undoes them all).
 
 Every knob of Transformer-Patcher (Huang et al., ICLR 2023) lives here so that a run can be
 reproduced from the JSON manifest that :meth:`tpatcher.Patcher.save` writes.
@@ -58,6 +58,7 @@ PAPER_FORM: dict[str, Any] = {
     "max_neurons_per_edit": 5,
     "memory_chat_format": False,
     "memory_chat_answers": 0,
+    "memory_questions": False,
     "edit_headroom": 1.0,
     "activation_floor": 0.0,
     "prefix_negatives": 0,
@@ -69,6 +70,7 @@ _BEFORE_THE_FIELD: dict[str, Any] = {
     "memory_chat_answers": 0,
     "activation_floor": 0.0,
     "floor_first_position_only": False,
+    "memory_questions": False,
 }
 
 
@@ -160,6 +162,13 @@ class PatcherConfig:
             inside free answers; without answer positions in memory it can fire there and
             change an unrelated chat answer. ``0``: turns without answers. The answers are
             generated once per model and memory texts and cached with the default bank.
+        memory_questions: With chat-formatted memory, also put tpatcher's bundled everyday
+            questions (about 270 questions on people, places, films, dates and science,
+            unlike any benchmark set) into memory as chat turns, with the unedited model's
+            answers. An edit's first neuron sits at the opening of an answer; memory texts
+            from one domain leave the openings of other questions users ask uncovered, and
+            such a neuron then answers them with the edit's target. Every turn's opening
+            (its last token) is kept in the bank whatever the size caps drop.
         hard_negative_rounds: Hard-negative mining: after training, probe the new neurons on
             the mining pool (the memory texts' FFN inputs that the bank's size caps left
             out, at most ``negative_pool_size``); the inputs where a neuron exceeds beta, or
@@ -210,6 +219,7 @@ class PatcherConfig:
     include_default_memory: bool = False
     memory_chat_format: bool | None = None
     memory_chat_answers: int = 48
+    memory_questions: bool = True
     hard_negative_rounds: int = 0
     negative_pool_size: int = 200000
     prefix_negatives: int = 0

@@ -85,6 +85,12 @@ def default_prompts() -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
+def default_questions() -> list[str]:
+    """tpatcher's everyday questions for chat memory (``PatcherConfig.memory_questions``)."""
+    text = resources.files("tpatcher").joinpath("data/memory_questions.txt").read_text("utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
 def memory_cache_dir() -> Path:
     root = os.environ.get("TPATCHER_CACHE") or "~/.cache/tpatcher"
     return Path(root).expanduser() / "memory"
@@ -199,6 +205,19 @@ def default_bank(
         return cached_vectors(key, build)
 
 
+def turn_openings(
+    site: FFNSite, tokenizer: PreTrainedTokenizerBase, turns: Sequence[str], batch_size: int = 16
+) -> torch.Tensor:
+    """The FFN input at each chat turn's last token, where its answer's first token is
+    decided: an edit made through the chat template places its first neuron there."""
+    chunks: list[torch.Tensor] = []
+    for i in range(0, len(turns), batch_size):
+        enc = encode_texts(tokenizer, site.model, list(turns[i : i + batch_size]), site.task)
+        q = site.ffn_inputs(enc, "attention_mask")  # each text's tokens in order, unpadded
+        chunks.append(q[enc["attention_mask"].sum(-1).cumsum(0) - 1])
+    return torch.cat(chunks) if chunks else torch.zeros(0, site.hidden_size)
+
+
 def chat_answer_vectors(
     site: FFNSite,
     tokenizer: PreTrainedTokenizerBase,
@@ -259,13 +278,19 @@ def build_memory_bank(
             vectors = torch.cat([vectors, default_bank(site, tokenizer, limit, seed, layer)])
             source = f"{source}; and {DEFAULT_SOURCE}"
     if uses_chat_memory(config, tokenizer):
-        turns = [render_chat(tokenizer, t) for t in (texts or default_prompts())]
-        vectors = torch.cat([vectors, keep(ffn_inputs(site, tokenizer, turns), limit // 4)])
+        groups = [[render_chat(tokenizer, t) for t in (texts or default_prompts())]]
         source = f"{source}; the same as chat turns"
+        if config.memory_questions and site.task == "causal-lm":
+            groups.append([render_chat(tokenizer, q) for q in default_questions()])
+            source = f"{source} with tpatcher's everyday questions, every turn's opening kept"
+        turns = [turn for group in groups for turn in group]
+        if len(groups) > 1:
+            vectors = torch.cat([vectors, turn_openings(site, tokenizer, turns)])
+        vectors = torch.cat([vectors, keep(ffn_inputs(site, tokenizer, turns), limit // 4)])
         tokens = config.memory_chat_answers
         if tokens and site.task == "causal-lm":
-            answered = chat_answer_vectors(site, tokenizer, turns, tokens, layer)
-            vectors = torch.cat([vectors, keep(answered, limit // 4)])
+            answered = [chat_answer_vectors(site, tokenizer, g, tokens, layer) for g in groups]
+            vectors = torch.cat([vectors, keep(torch.cat(answered), limit // 4)])
             source = f"{source}, with the unedited model's answers ({tokens} tokens at most)"
     pool = None
     if config.hard_negative_rounds and left_out:
