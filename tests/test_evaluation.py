@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tpatcher.demo_facts import CONTROL_QUESTIONS, FACTS
 from tpatcher.evaluation import protocol
 from tpatcher.evaluation.data import EditItem, TaskData, load_task
 from tpatcher.evaluation.metrics import (
@@ -138,6 +139,8 @@ def test_memory_questions_are_distinct_and_in_no_data_set(data_dir: Path) -> Non
     benchmark set, so no locality figure is measured on what memory held."""
     questions = [normalize_answer(q) for q in default_questions()]
     assert len(questions) > 250 and len(set(questions)) == len(questions)
+    demo = [q for fact in FACTS for q in (fact.question, fact.paraphrase)] + [*CONTROL_QUESTIONS]
+    assert not {normalize_answer(q) for q in demo} & set(questions)  # the demo's own checks
     for task, edits in (("zsre", 770), ("counterfact", 1000)):  # every record of the files
         data = load_task(task, data_dir, edits, heldout=10, memory_records=10)
         items = data.stream + data.train_heldout + data.test_heldout

@@ -170,3 +170,20 @@ def test_everyday_questions_join_chat_memory_with_every_opening_kept(tmp_path, m
     nearest = torch.cdist(openings, bank, compute_mode="donot_use_mm_for_euclid_dist").min(1).values
     assert float(nearest.max()) < 1e-3  # every opening is in the bank
     assert not PatcherConfig.paper().memory_questions
+
+
+def test_an_edit_of_a_memory_text_is_not_trained_against_itself() -> None:
+    """Editing a text the memory holds (a bundled question, say) leaves out the memory rows
+    that are the new neurons' own inputs, so the neuron is not pushed silent where it must
+    fire: without that, this edit ends with its activation loss near 9 instead of 0.2."""
+    from tpatcher.editing import apart_from
+
+    memory = torch.randn(50, 8)
+    kept = apart_from(memory, memory[[3, 7]] + 1e-4)
+    assert len(kept) == 48 and not (kept == memory[3]).all(-1).any()
+    assert torch.equal(apart_from(memory, torch.randn(2, 8) * 10), memory)
+
+    texts = [*MEMORY_TEXTS, PROMPT, f"{PROMPT} paris"]
+    patcher = Patcher(make_model("llama"), make_tokenizer("llama"), memory_texts=texts)
+    result = patcher.edit(PROMPT, "berlin")
+    assert result.success and result.losses["act"] < 1.0

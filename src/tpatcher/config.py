@@ -163,7 +163,7 @@ class PatcherConfig:
             change an unrelated chat answer. ``0``: turns without answers. The answers are
             generated once per model and memory texts and cached with the default bank.
         memory_questions: With chat-formatted memory, also put tpatcher's bundled everyday
-            questions (about 270 questions on people, places, films, dates and science,
+            questions (about 260 questions on people, places, films, dates and science,
             unlike any benchmark set) into memory as chat turns, with the unedited model's
             answers. An edit's first neuron sits at the opening of an answer; memory texts
             from one domain leave the openings of other questions users ask uncovered, and

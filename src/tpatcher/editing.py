@@ -194,6 +194,7 @@ def train_edit_neurons(
             floor=floor,
         )
 
+    memory = apart_from(memory, q_edit)
     outcome = train(memory)
     mined = memory[:0]
     if outcome.fixed and pool is not None and len(pool) and config.hard_negative_rounds:
@@ -201,6 +202,18 @@ def train_edit_neurons(
             neurons, q_edit, train, outcome, memory, pool, config, beta
         )
     return TrainedNeurons(neurons, outcome, torch.cat([memory_of_edit, mined.cpu()]))
+
+
+def apart_from(memory: torch.Tensor, q_edit: torch.Tensor, tolerance: float = 1e-2) -> torch.Tensor:
+    """``memory`` without the rows that are the new neurons' own inputs (within ``tolerance``
+    of their norm): when the edited text is itself a memory text (one of the bundled chat
+    questions, say), a neuron cannot stay silent where it must fire, and training against
+    that row would only weaken it."""
+    if not len(memory) or not len(q_edit):
+        return memory
+    nearest = torch.cdist(memory.to(q_edit.device, q_edit.dtype), q_edit).min(dim=1).values
+    scale = q_edit.norm(dim=-1).max()
+    return memory[(nearest > tolerance * scale).to(memory.device)]
 
 
 def _floors(config: PatcherConfig, task: str, activation: str, first: torch.Tensor) -> torch.Tensor:
