@@ -22,7 +22,7 @@ _RELATIONS = [  # (question, paraphrase, CounterFact prompt) about a subject
     ("Which company employs {s}?", "Who is the employer of {s}?", "{s} works for"),
 ]
 _NQ = [  # unrelated questions and answers, as zsRE's "loc" field gives them
-    ("who wrote the novel pride and prejudice", "Jane Austen"),
+    ("who wrote the play hamlet", "William Shakespeare"),
     ("what is the largest planet in the solar system", "Jupiter"),
     ("how many legs does a spider have", "eight"),
     ("what is the chemical symbol for gold", "Au"),

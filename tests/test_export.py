@@ -7,8 +7,10 @@ installed, the GGUF export under llama.cpp.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -144,7 +146,8 @@ def test_merge_refuses_neurons_of_another_width() -> None:
 
 @pytest.mark.parametrize("kind", ARCHITECTURES)
 def test_zero_neurons_change_nothing(kind: str) -> None:
-    model = make_model(kind)
+    # float64: a wider matrix sums in another order, which float32 rounds differently by ~1e-6
+    model = make_model(kind).double()
     tok = make_tokenizer(kind)
     task = FFNSite(model).task
     before = all_logits(model, tok, task)
@@ -152,7 +155,7 @@ def test_zero_neurons_change_nothing(kind: str) -> None:
     assert pad_ffn(site.block, site.adapter, site.width + 22) == 22
     width = widen_all_layers(model, 64)
     assert width == round_up(site.width, 64) and width % 64 == 0
-    assert_close(all_logits(model, tok, task), before, 1e-6)
+    assert_close(all_logits(model, tok, task), before, 1e-10)
 
 
 # -- HF export -----------------------------------------------------------------------------
@@ -455,17 +458,35 @@ def test_real_hf_export_gives_the_patched_logits(real_patch, tmp_path: Path) -> 
     assert_close(causal_logits(model, tok, list(patched)), patched, 1e-3)
 
 
-def _greedy(path: Path, prompts: list[str], tokens: int = 8) -> list[str]:
-    from llama_cpp import Llama
+_GREEDY = """
+import json, sys
+from llama_cpp import Llama
+path, tokens, prompts = sys.argv[1], int(sys.argv[2]), json.loads(sys.stdin.read())
+llm = Llama(model_path=path, n_ctx=256, n_threads=2, seed=0, verbose=False)
+out = [llm.create_completion(p, max_tokens=tokens, temperature=0.0)["choices"][0]["text"]
+       for p in prompts]
+llm.close()
+print(json.dumps(out))
+"""
 
-    llm = Llama(model_path=str(path), n_ctx=256, n_threads=2, seed=0, verbose=False)
-    try:
-        return [
-            llm.create_completion(p, max_tokens=tokens, temperature=0.0)["choices"][0]["text"]
-            for p in prompts
-        ]
-    finally:
-        llm.close()
+
+def _greedy(path: Path, prompts: list[str], tokens: int = 8) -> list[str]:
+    """llama.cpp's greedy answers, in a child process: a binary built for another CPU dies
+    with SIGILL there instead of taking the whole test session with it."""
+    run = subprocess.run(
+        [sys.executable, "-c", _GREEDY, str(path), str(tokens)],
+        input=json.dumps(prompts),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if run.returncode == -signal.SIGILL:
+        pytest.skip(
+            "llama-cpp-python's binary uses instructions this CPU lacks (SIGILL); reinstall it "
+            'with CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install --no-cache-dir llama-cpp-python'
+        )
+    assert run.returncode == 0, run.stderr[-2000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 def unpatched_gguf(source: Path, target: Path, layout: str) -> Path:
@@ -488,7 +509,8 @@ def test_real_gguf_export_runs_the_patch_in_llama_cpp(real_patch, tmp_path: Path
     export without neurons gives. (That, not the source file, is the base to compare with:
     the last FFN in float32 instead of Q4_1 flips one near-tie of the base model, "Who wrote
     Romeo and Juliet?", with or without neurons.)"""
-    pytest.importorskip("llama_cpp")
+    if importlib.util.find_spec("llama_cpp") is None:  # not imported here: see _greedy
+        pytest.skip("llama-cpp-python is not installed (pip install tpatcher[llama])")
     from tpatcher.export import source_gguf
 
     patch, _, _ = real_patch

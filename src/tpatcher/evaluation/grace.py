@@ -22,6 +22,9 @@ layer's output (``replacement``): at its own token (``replace_last``, EasyEdit's
 yaml), at every token of the sequence (``replace_all``), or at the tokens before it
 (``replace_prompt``, the original repository's yaml; the key token itself is not replaced,
 as there). Anything else leaves the layer's output exactly as the base model computes it.
+Of keys at the same distance the newest is taken (the reference takes the first): after a
+split the midpoint is the new key's, as its radius says, and a conflicting edit whose query
+equals an old key exactly wins instead of neither key firing.
 
 Which token is looked up at inference (the choice this module makes): the reference looks
 up one token, ``key_id``, which its evaluation sets from the labels (the prompt's last
@@ -142,10 +145,15 @@ class Codebook:
         return len(self.labels)
 
     def nearest(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Distance to and index of the nearest key for each row of ``queries`` (n, w)."""
-        keys = self.keys.to(queries.device)
+        """Distance to and index of the nearest key for each row of ``queries`` (n, w).
+
+        Of keys at the same distance the newest wins: a conflicting edit whose query equals an
+        older key's exactly (a split at distance 0) then replaces the older answer, where the
+        reference's first-index tie-break would leave neither key in reach."""
+        keys = self.keys.to(queries.device).flip(0)
         dists = torch.cdist(queries.float(), keys, compute_mode="donot_use_mm_for_euclid_dist")
-        return dists.min(dim=-1)
+        dist, idx = dists.min(dim=-1)
+        return dist, self.size - 1 - idx
 
     def lookup(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per row of ``queries``: whether it lies within its nearest key's radius, and that
