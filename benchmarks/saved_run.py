@@ -1,5 +1,6 @@
-"""A finished ``tpatcher bench`` zsRE run opened again for diagnosis: its arguments, its
-final records, its stream and its saved patch (used by chat_locality.py and generality.py)."""
+"""A finished ``tpatcher bench`` run opened again for diagnosis: its arguments, its final
+records, its stream and its saved patch (used by chat_locality.py, generality.py and
+locality.py)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ def open_run(description: str) -> SavedRun:
     ap.add_argument("--edits", type=int, required=True, help="the run's --edits")
     ap.add_argument("--heldout", type=int, default=20, help="the run's --heldout")
     ap.add_argument("--memory-records", type=int, default=200, help="the run's --memory-records")
+    ap.add_argument("--task", default="zsre", help="the run's --task")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--data", default="../shared/data")
     args = ap.parse_args()
@@ -39,7 +41,7 @@ def open_run(description: str) -> SavedRun:
     model, tok = load_model(args.model)
     final = json.loads((folder / "tpatcher" / "final.json").read_text("utf-8"))
     data = load_task(
-        "zsre", args.data, args.edits, heldout=args.heldout, memory_records=args.memory_records
+        args.task, args.data, args.edits, heldout=args.heldout, memory_records=args.memory_records
     )
     state = folder / "tpatcher" / f"state-{args.edits}"
     patcher = Patcher.load(model, tok, state, memory_texts=["unused"])  # no edits to train

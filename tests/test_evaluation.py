@@ -319,6 +319,13 @@ def test_diagnosis_scripts_agree_with_the_run(data_dir: Path, zsre_run) -> None:
     paraphrases = _diagnose("generality.py", out, data_dir)
     assert f"\n{len(edited)} edited items, edit_headroom" in paraphrases
 
+    base_loc = json.loads((out / "base.json").read_text())["loc"]
+    probed = [r for r in edited if r["uid"] in base_loc]
+    first, second = _diagnose("locality.py", out, data_dir).splitlines()[:2]
+    assert first.startswith(f"locality prompts: {len(probed)}; neurons: ")
+    committed = float(second.split("committed: ")[1].split(";")[0])
+    assert committed == pytest.approx(result["loc_tf"], abs=0.02)
+
 
 @pytest.mark.slow
 def test_bench_command_counterfact(data_dir: Path, tmp_path: Path, one_thread) -> None:
