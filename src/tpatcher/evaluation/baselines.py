@@ -39,6 +39,7 @@ from ..capture import record
 from ..encoding import Example, encode_texts, padding_side
 from ..ffn_site import Capture, FFNSite, eval_mode
 from .editors import BaselineEditor, EditOutcome
+from .grace import nearest_keys
 
 __all__ = [
     "FTEditor",
@@ -406,10 +407,9 @@ class GraceTokensEditor(_SiteEditor):
         self._q = args[0]
 
     def _nearest(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Distance to and index of the nearest key for each row of ``q`` (n, d)."""
-        keys = self.keys.to(q.device)
-        dists = torch.cdist(q.float(), keys, compute_mode="donot_use_mm_for_euclid_dist")
-        return dists.min(dim=-1)
+        """Distance to and index of the nearest key for each row of ``q`` (n, d); ties go
+        to the newest key, as in ``grace``."""
+        return nearest_keys(q, self.keys)
 
     def _replace(self, module: nn.Module, args: tuple, output: Any) -> Any:
         q, self._q = self._q, None

@@ -129,6 +129,18 @@ class GraceSettings:
             raise ValueError("eps must be >= 0, edit_lr positive and n_iter at least 1")
 
 
+def nearest_keys(queries: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distance to and index of the nearest of ``keys`` (K, w) for each row of ``queries``
+    (n, w). Of keys at the same distance the newest (highest index) wins: a conflicting edit
+    whose query equals an older key's exactly (a split at distance 0) then replaces the older
+    answer, where a first-index tie-break would leave neither key in reach."""
+    dists = torch.cdist(
+        queries.float(), keys.to(queries.device), compute_mode="donot_use_mm_for_euclid_dist"
+    )
+    dist, idx = dists.flip(-1).min(dim=-1)
+    return dist, keys.shape[0] - 1 - idx
+
+
 class Codebook:
     """GRACE's discrete key-value store: keys (K, w), values (K, d), radii (K,), labels."""
 
@@ -145,15 +157,8 @@ class Codebook:
         return len(self.labels)
 
     def nearest(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Distance to and index of the nearest key for each row of ``queries`` (n, w).
-
-        Of keys at the same distance the newest wins: a conflicting edit whose query equals an
-        older key's exactly (a split at distance 0) then replaces the older answer, where the
-        reference's first-index tie-break would leave neither key in reach."""
-        keys = self.keys.to(queries.device).flip(0)
-        dists = torch.cdist(queries.float(), keys, compute_mode="donot_use_mm_for_euclid_dist")
-        dist, idx = dists.min(dim=-1)
-        return dist, self.size - 1 - idx
+        """Distance to and index of the nearest key for each row of ``queries`` (n, w)."""
+        return nearest_keys(queries, self.keys)
 
     def lookup(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per row of ``queries``: whether it lies within its nearest key's radius, and that
