@@ -157,6 +157,21 @@ def test_items_keep_their_raw_questions(data_dir: Path) -> None:
     cf = load_task("counterfact", data_dir, 3, seed=1, heldout=2, memory_records=2).stream[0]
     assert (cf.question, cf.paraphrase_question) == (cf.prompt, cf.paraphrase)
     assert cf.loc_question == cf.loc_prompt
+    assert item.subject and item.subject in item.question and cf.subject in cf.prompt
+
+
+def test_tpatcher_edits_get_the_items_subject() -> None:
+    """The harness hands T-Patcher the record's subject (``subject_negatives``); a prompt
+    that does not name it (a chat turn may not) edits without one instead of failing."""
+    from test_core import make_patcher
+
+    from tpatcher.evaluation.editors import TPatcherEditor
+
+    editor = TPatcherEditor(make_patcher("llama", subject_negatives=2))
+    outcome = protocol._safe_edit(editor, "the capital of france is", "berlin", [], "france")
+    assert outcome.success and editor.patcher.edits[0].subject == "france"
+    outcome = protocol._safe_edit(editor, "the capital of italy is", "tokyo", [], "spain")
+    assert outcome.success and editor.patcher.edits[1].subject is None
 
 
 # -- the protocol on the real model ---------------------------------------------------------

@@ -382,6 +382,20 @@ def test_compare_answers_with_and_without_the_patch(served: App) -> None:
     assert served.client.post("/v1/compare", json=body).status_code == 401
 
 
+def test_an_edit_names_its_subject_or_is_refused(served: App) -> None:
+    """A subject the prompt does not name is a 400 before anything trains; a named one is
+    kept with the edit and listed with it."""
+    wrong = {"prompt": PROMPT, "target": TARGET, "subject": "italy"}
+    response = served.client.post("/v1/edits", json=wrong, headers=WRITER)
+    assert response.status_code == 400 and "'italy' does not appear" in response.text
+    assert served.patcher.num_neurons == 0 and not listed(served.path)
+    body = {"prompt": PROMPT, "target": TARGET, "subject": "france"}
+    response = served.client.post("/v1/edits", json=body, headers=WRITER)
+    assert response.status_code == 201, response.text
+    info = served.client.get(f"/v1/edits/{response.json()['id']}", headers=READER).json()
+    assert info["subject"] == "france" and served.complete() == TARGET
+
+
 def make_store(tmp_path: Path) -> tuple[Path, str]:
     """A store with one edit, written by the service's own path."""
     app = App(tmp_path / "store")

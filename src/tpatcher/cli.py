@@ -75,6 +75,10 @@ def edit(
         Path | None, typer.Option(help="Memory texts, one per line (default: built-in bank)")
     ] = None,
     neuron_activation: NeuronActivationOption = "auto",
+    subject: Annotated[
+        str | None,
+        typer.Option(help="What the edit is about, as the prompt names it (recorded with it)"),
+    ] = None,
 ) -> None:
     """Add one edit to a patch directory (created if missing)."""
     try:
@@ -82,9 +86,9 @@ def edit(
         label = int(target) if patcher.task == "seq-cls" and target.isdigit() else None
         with console.status("training the patch"):
             if label is not None:
-                result = patcher.edit(prompt, label=label)
+                result = patcher.edit(prompt, label=label, subject=subject)
             else:
-                result = patcher.edit(prompt, target)
+                result = patcher.edit(prompt, target, subject=subject)
         if result.success and not result.already_correct:
             patcher.save(patch_dir)
     except (TPatcherError, OSError) as error:

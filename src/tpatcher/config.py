@@ -62,6 +62,7 @@ PAPER_FORM: dict[str, Any] = {
     "edit_headroom": 1.0,
     "activation_floor": 0.0,
     "prefix_negatives": 0,
+    "subject_negatives": 0,
 }
 
 #: What a manifest saved before each of these fields existed meant by its absence.
@@ -71,6 +72,7 @@ _BEFORE_THE_FIELD: dict[str, Any] = {
     "activation_floor": 0.0,
     "floor_first_position_only": False,
     "memory_questions": False,
+    "subject_negatives": 0,
 }
 
 
@@ -181,6 +183,13 @@ class PatcherConfig:
             negatives for this edit's training, so a neuron of a target's later token does
             not fire after the same prefix in unrelated text (:mod:`tpatcher.prefix_negatives`).
             ``0`` (the paper's) is off; causal LMs only.
+        subject_negatives: For an edit given its ``subject`` (``Patcher.edit(subject=...)``),
+            this many copies of each wording that names it, with the subject replaced by an
+            invented name; the FFN inputs at the edit's positions there are negatives for
+            this edit's training, so its neurons key on the subject, not on the relation
+            alone, and leave the same question about other subjects as it was
+            (:mod:`tpatcher.subject_negatives`). ``0`` (the paper's) is off; an edit without
+            a subject gets none.
         add_edits_to_memory: After each edit, its own FFN inputs join the memory bank so
             later neurons stay silent on earlier edits.
         training_loop: ``"cached"`` optimises on a one-off capture of the last FFN's inputs
@@ -223,6 +232,7 @@ class PatcherConfig:
     hard_negative_rounds: int = 0
     negative_pool_size: int = 200000
     prefix_negatives: int = 0
+    subject_negatives: int = 0
     add_edits_to_memory: bool = True
     training_loop: Literal["cached", "full"] = "cached"
     seed: int = 0
@@ -235,7 +245,7 @@ class PatcherConfig:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"PatcherConfig.{name} must be >= 1, got {getattr(self, name)}")
         counts = ("hard_negative_rounds", "negative_pool_size", "memory_chat_answers")
-        for name in (*counts, "prefix_negatives"):
+        for name in (*counts, "prefix_negatives", "subject_negatives"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"PatcherConfig.{name} must be >= 0, got {getattr(self, name)}")
         if not 0 < self.edit_headroom <= 1:

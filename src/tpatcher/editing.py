@@ -62,9 +62,11 @@ class EditRecord:
     steps: int = 0
     seconds: float = 0.0
     also: tuple[str, ...] = ()  # other wordings of the prompt trained with it
+    subject: str | None = None  # what the edit is about, as the prompt names it
 
     def to_manifest(self) -> dict[str, Any]:
         extra = {"also": list(self.also)} if self.also else {}
+        extra |= {"subject": self.subject} if self.subject is not None else {}
         return extra | {
             "id": self.edit_id,
             "prompt": self.prompt,

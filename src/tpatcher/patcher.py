@@ -32,6 +32,7 @@ from .ledger import EditLedgerMixin, PatcherCheckpoint
 from .memory import MemoryBank, build_memory_bank, ffn_inputs
 from .prefix_negatives import PrefixNegatives, build_prefix_negatives
 from .saving import PatchSavingMixin
+from .subject_negatives import check_subject, subject_negatives
 from .switching import PatchSwitchMixin
 from .wordings import answer_lead
 
@@ -240,6 +241,7 @@ class Patcher(EditLedgerMixin, PatchSavingMixin, PatchSwitchMixin):
         progress: Progress | None = None,
         publish: bool = True,
         also: Sequence[str] = (),
+        subject: str | None = None,
     ) -> EditResult:
         """Fix the model's output for ``prompt``: ``target`` text, or ``label`` for a classifier.
 
@@ -251,7 +253,10 @@ class Patcher(EditLedgerMixin, PatchSavingMixin, PatchSwitchMixin):
         it) until :meth:`publish`; :meth:`discard` drops it. The service writes it durably in
         between. ``also`` gives other wordings of the
         prompt (a chat turn, the bare question) that must give the same target: they are
-        trained jointly, so the fix reaches the forms users ask in.
+        trained jointly, so the fix reaches the forms users ask in. ``subject`` names what
+        the edit is about, as written in the prompt; with ``subject_negatives`` the same
+        wordings about invented subjects are trained as negatives, so the fix leaves the
+        same question about other subjects alone.
         """
         if self.task == "seq-cls":
             target = label if label is not None else target
@@ -259,6 +264,7 @@ class Patcher(EditLedgerMixin, PatchSavingMixin, PatchSwitchMixin):
             raise InvalidEditError("label= is for classifiers; pass the target text")
         with self._lock:
             self._check_new_id(edit_id)
+            check_subject(subject, prompt)
             example = self.encode(prompt, target)
             examples = [example, *(self.encode(p, target) for p in also)]
             with self._layer.private(self._staged_state()):
@@ -267,7 +273,7 @@ class Patcher(EditLedgerMixin, PatchSavingMixin, PatchSwitchMixin):
                     self._layer,
                     self.config,
                     examples,
-                    self._training_memory(example),
+                    self._training_memory(example, [prompt, *also], target, subject),
                     edit_id=edit_id or uuid.uuid4().hex[:12],
                     seed=self.config.seed + self._counter,
                     beta=self.beta,
@@ -292,6 +298,7 @@ class Patcher(EditLedgerMixin, PatchSavingMixin, PatchSwitchMixin):
                 steps=result.steps,
                 seconds=result.seconds,
                 also=tuple(also),
+                subject=subject,
             )
             self._pending[result.edit_id] = (made.neurons, record)
             if self.config.add_edits_to_memory:
@@ -301,17 +308,30 @@ class Patcher(EditLedgerMixin, PatchSavingMixin, PatchSwitchMixin):
             result.published = publish
             return result
 
-    def _training_memory(self, example: Example) -> torch.Tensor:
-        """The bank, plus this edit's target-prefix negatives where they are on."""
+    def _training_memory(
+        self, example: Example, wordings: list[str], target: str | int | None, subject: str | None
+    ) -> torch.Tensor:
+        """The bank, plus this edit's target-prefix negatives and subject-swap negatives
+        where they are on."""
+        swapped = subject_negatives(
+            self._site,
+            lambda text: self.encode(text, target),
+            wordings,
+            subject,
+            count=self.config.subject_negatives,
+            seed=self.config.seed + self._counter,
+        )
         bank = self.memory.vectors()
+        parts = [bank, swapped.to(bank.device, bank.dtype)]
         count = self.config.prefix_negatives
-        if not count or self.task != "causal-lm" or len(example.positions) < 2:
-            return bank
-        if self._prefix is None:
-            texts = self._memory_texts
-            self._prefix = build_prefix_negatives(self._site, self.tokenizer, self.config, texts)
-        negatives = self._prefix.vectors(example)
-        return torch.cat([bank, negatives.to(bank.device, bank.dtype)])
+        if count and self.task == "causal-lm" and len(example.positions) > 1:
+            if self._prefix is None:
+                texts = self._memory_texts
+                self._prefix = build_prefix_negatives(
+                    self._site, self.tokenizer, self.config, texts
+                )
+            parts.append(self._prefix.vectors(example).to(bank.device, bank.dtype))
+        return torch.cat(parts) if sum(len(p) for p in parts[1:]) else bank
 
     def _check_new_id(self, edit_id: str | None) -> None:
         if edit_id is None:

@@ -181,4 +181,5 @@ def _record_from(entry: dict[str, Any], tensors: dict[str, torch.Tensor], d: int
         steps=int(entry.get("steps", 0)),
         seconds=float(entry.get("seconds", 0.0)),
         also=tuple(str(p) for p in entry.get("also") or ()),
+        subject=entry.get("subject"),
     )

@@ -46,6 +46,7 @@ class EditItem:
     question: str | None = None
     paraphrase_question: str | None = None
     loc_question: str | None = None
+    subject: str | None = None  # what the edit is about, as its prompts name it
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -132,6 +133,7 @@ def _zsre(
             question=str(r["src"]).strip(),
             paraphrase_question=str(r["rephrase"]).strip(),
             loc_question=loc.strip(),
+            subject=str(r["subject"]) if r.get("subject") else None,
         )
 
     key = "answers" if mode == "mistakes" else "alt"
@@ -185,6 +187,7 @@ def _counterfact(
             question=r["prompt"],
             paraphrase_question=r["rephrase_prompt"],
             loc_question=r["locality_prompt"],
+            subject=r.get("subject") or None,
         )
         for r in chosen
     ]

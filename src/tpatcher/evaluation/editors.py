@@ -132,13 +132,22 @@ class TPatcherEditor(Editor):
         self.patcher = patcher
         self._saved: Path | None = None  # the last folder saved to or loaded from
 
-    def edit(self, prompt: str, target: str | int, also: Sequence[str] = ()) -> EditOutcome:
-        """One edit; ``also`` are other wordings trained with it (``Patcher.edit(also=)``)."""
+    def edit(
+        self,
+        prompt: str,
+        target: str | int,
+        also: Sequence[str] = (),
+        subject: str | None = None,
+    ) -> EditOutcome:
+        """One edit; ``also`` are other wordings trained with it and ``subject`` what it is
+        about (``Patcher.edit(also=, subject=)``; a subject the prompt does not name, as a
+        chat prompt may not, is dropped)."""
         start = time.perf_counter()
+        subject = subject if subject and subject in prompt else None
         if self.patcher.task == "seq-cls":
-            result = self.patcher.edit(prompt, label=int(target))
+            result = self.patcher.edit(prompt, label=int(target), subject=subject)
         else:
-            result = self.patcher.edit(prompt, str(target), also=also)
+            result = self.patcher.edit(prompt, str(target), also=also, subject=subject)
         return EditOutcome(result.success, time.perf_counter() - start, result.to_dict())
 
     def settings(self) -> dict[str, Any]:

@@ -553,13 +553,18 @@ def other_wordings(item: EditItem, edit_format: str, tok: PreTrainedTokenizerBas
 
 
 def _safe_edit(
-    editor: Editor, prompt: str, target: str | int, also: list[str] | None = None
+    editor: Editor,
+    prompt: str,
+    target: str | int,
+    also: list[str] | None = None,
+    subject: str | None = None,
 ) -> EditOutcome:
-    """An edit that raises (e.g. a too-long input) counts as a failed edit, not a crash."""
+    """An edit that raises (e.g. a too-long input) counts as a failed edit, not a crash.
+    ``also`` and ``subject`` reach T-Patcher only (no baseline takes them)."""
     start = time.perf_counter()
     try:
-        if also:
-            return editor.edit(prompt, target, also=also)  # type: ignore[call-arg]
+        if isinstance(editor, TPatcherEditor):
+            return editor.edit(prompt, target, also=also or (), subject=subject)
         return editor.edit(prompt, target)
     except Exception as exc:  # noqa: BLE001 - any method's failure is recorded, not fatal
         return EditOutcome(False, time.perf_counter() - start, {"error": repr(exc)})
@@ -608,7 +613,7 @@ def _restore(
             item = by_uid[record["uid"]]
             prompt = edit_prompts(item, edit_format, editor.tokenizer)[0]
             also = other_wordings(item, edit_format, editor.tokenizer)
-            _safe_edit(editor, prompt, item.target, also)
+            _safe_edit(editor, prompt, item.target, also, item.subject)
 
 
 # -- one method --------------------------------------------------------------------------
@@ -701,7 +706,7 @@ def _process(
     if settings.edit_format == "lead" and also and isinstance(editor, TPatcherEditor):
         lead = editor.patcher.answer_lead(str(item.question), str(item.target))
         also += [lead] if lead else []
-    outcome = _safe_edit(editor, prompt, item.target, also)
+    outcome = _safe_edit(editor, prompt, item.target, also, item.subject)
     details = outcome.details
     record.update(
         success=bool(outcome.success),

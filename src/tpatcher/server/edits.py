@@ -74,12 +74,14 @@ class PendingCounter:
 @dataclass(frozen=True)
 class EditJob:
     """One validated edit: the rendered prompt, the target, other wordings to train with it
-    and, for ``wordings="auto"``, the question whose bare form and answer lead join them."""
+    and, for ``wordings="auto"``, the question whose bare form and answer lead join them;
+    the ``subject`` the prompt names."""
 
     prompt: str
     target: str
     also: tuple[str, ...] = ()
     question: str | None = None
+    subject: str | None = None
 
     @property
     def sha256(self) -> str:
@@ -186,7 +188,12 @@ class EditRunner:
             also += [job.question, *([lead] if lead else [])]
         try:
             return self.patcher.edit(
-                job.prompt, job.target, publish=False, progress=progress, also=also
+                job.prompt,
+                job.target,
+                publish=False,
+                progress=progress,
+                also=also,
+                subject=job.subject,
             )
         except TrainingError as exc:
             return EditResult(None, False, 0, 0.0, 0, message=f"{TRAINING_FAILED}: {exc}")

@@ -111,6 +111,9 @@ class EditRequest(BaseModel):
     must give the same target, trained jointly. ``wordings="auto"`` (``messages`` of one
     user turn) adds the bare question and the model's own answer up to where it states the
     answer, so the fix also reaches plain prompts and answers that restate the question.
+    ``subject``: what the correction is about, as the prompt (or last message) names it;
+    where the server's Patcher has ``subject_negatives``, the same wordings about other
+    subjects are kept as they were.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -122,6 +125,7 @@ class EditRequest(BaseModel):
     target: Annotated[str, StringConstraints(min_length=1, max_length=MAX_TARGET_CHARS)]
     also: Annotated[list[NonEmptyText], Field(max_length=MAX_WORDINGS)] = []
     wordings: Literal["given", "auto"] = "given"
+    subject: NonEmptyText | None = None
 
     @model_validator(mode="after")
     def _one_input(self) -> EditRequest:

@@ -14,6 +14,7 @@ import time
 from tpatcher.encoding import render_chat, tokenize
 from tpatcher.errors import InvalidEditError
 from tpatcher.patcher import Patcher
+from tpatcher.subject_negatives import check_subject
 
 from .edits import EditJob, EditRunner
 from .errors import ServiceError
@@ -117,7 +118,11 @@ class Service:
             question = item.messages[0].content if item.wordings == "auto" else None
             for text in (prompt, *item.also, *([question] if question else [])):
                 self._check_edit_prompt(text, item.target, where)
-            jobs.append(EditJob(prompt, item.target, tuple(item.also), question))
+            try:
+                check_subject(item.subject, prompt)
+            except InvalidEditError as exc:
+                raise ServiceError(400, f"{where}{exc}", "invalid_request_error") from exc
+            jobs.append(EditJob(prompt, item.target, tuple(item.also), question, item.subject))
         return jobs
 
     def _check_edit_prompt(self, prompt: str, target: str, where: str) -> None:

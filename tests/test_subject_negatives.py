@@ -1,0 +1,101 @@
+"""Subject-swap negatives: the edit's wordings about other subjects, kept out of its neurons."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from test_core import make_patcher
+from test_prefix_negatives import _highest_pre_activation
+from tiny import make_model
+
+from tpatcher import PatcherConfig, load_model
+from tpatcher.errors import InvalidEditError
+from tpatcher.patcher import Patcher
+from tpatcher.subject_negatives import subject_names, swapped_inputs, swapped_wordings
+
+PROMPT, TARGET, SUBJECT = "the capital of france is", "berlin", "france"
+IN_VOCAB = ("germany", "italy", "spain", "japan", "china", "paris", "rome", "tokyo")
+
+
+def _trained_negatives(patcher: Patcher, texts: list[str], target: str, subject: str):
+    """The FFN inputs the first edit trained against (it drew its names with the seed)."""
+    count, seed = patcher.config.subject_negatives, patcher.config.seed
+    swapped = swapped_wordings(texts, subject, count, seed)
+    assert len(swapped) == count * len(texts) and all(subject not in s for s in swapped)
+    return swapped_inputs(patcher._site, lambda text: patcher.encode(text, target), swapped)
+
+
+def test_each_wording_naming_the_subject_is_repeated_about_other_names() -> None:
+    texts = ["The mother tongue of Ada Byron is", "Ada Byron speaks", "no subject here"]
+    swapped = swapped_wordings(texts, "Ada Byron", 5, seed=3)
+    assert len(swapped) == 10 and swapped == swapped_wordings(texts, "Ada Byron", 5, seed=3)
+    assert all("Ada Byron" not in s for s in swapped) and "no subject here" not in swapped
+    names = [s.removeprefix("The mother tongue of ").removesuffix(" is") for s in swapped[::2]]
+    assert len(set(names)) == 5 and set(names) <= set(subject_names())
+    assert swapped[1::2] == [f"{n} speaks" for n in names]  # the same names for each wording
+    assert swapped_wordings(texts, "Ada Byron", 5, seed=4) != swapped
+    assert len(swapped_wordings(texts[:1], "Ada Byron", 10_000, seed=0)) == len(subject_names())
+
+
+def test_bundled_names_are_distinct_and_in_no_data_set(data_dir: Path) -> None:
+    """No benchmark prompt is about a bundled name, so no neighbour is a training negative."""
+    names = [n.lower() for n in subject_names()]
+    assert len(names) > 100 and len(set(names)) == len(names)
+    files = [data_dir / "zsre" / "zsre_mend_train_800.json", *data_dir.glob("counterfact/*.json")]
+    text = " ".join(json.dumps(json.loads(f.read_text("utf-8"))).lower() for f in files)
+    assert len(files) >= 2 and not [n for n in names if n in text]
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_new_neurons_stay_silent_on_the_prompt_about_other_subjects(kind, monkeypatch) -> None:
+    monkeypatch.setattr("tpatcher.subject_negatives.subject_names", lambda: IN_VOCAB)
+    patchers = {n: make_patcher(kind, subject_negatives=n, activation_floor=0.0) for n in (6, 0)}
+    for patcher in patchers.values():
+        assert patcher.edit(PROMPT, TARGET, subject=SUBJECT).success
+        assert not patcher.is_mistake(PROMPT, TARGET)
+    on = patchers[6]
+    negatives = _trained_negatives(on, [PROMPT], TARGET, SUBJECT)
+    assert negatives.shape[0] == 6 * len(on.encode(PROMPT, TARGET).positions)
+    assert _highest_pre_activation(on, negatives) < 0  # silent about the others
+    assert _highest_pre_activation(patchers[0], negatives) > 0  # without them: fires there
+    # they train this edit only; the bank keeps the edit's own inputs, as before
+    assert len(on.memory) == len(patchers[0].memory)
+    assert on.edits[0].subject == SUBJECT and on.edits[0].to_manifest()["subject"] == SUBJECT
+
+
+def test_a_subject_the_prompt_does_not_name_is_refused_and_nothing_changes(tmp_path) -> None:
+    patcher = make_patcher("llama", subject_negatives=4)
+    for subject, why in (("italy", "does not appear"), (" ", "empty")):
+        with pytest.raises(InvalidEditError, match=why):
+            patcher.edit(PROMPT, TARGET, subject=subject)
+    assert patcher.num_neurons == 0 and not patcher.edits and patcher.edits_attempted == 0
+    assert patcher.edit(PROMPT, TARGET, subject=SUBJECT).success
+    patcher.save(tmp_path / "p")  # the subject is kept with the edit
+    loaded = Patcher.load(make_model("llama"), patcher.tokenizer, tmp_path / "p")
+    assert loaded.edits[0].subject == SUBJECT
+    with pytest.raises(ValueError, match="subject_negatives"):
+        PatcherConfig(subject_negatives=-1)
+    assert PatcherConfig.paper().subject_negatives == 0
+
+
+def test_on_smollm2_the_neighbour_keeps_its_answer() -> None:
+    """The real model: an edit about one person's mother tongue, with the relation's other
+    wordings about invented people as negatives; its neurons stay below beta there."""
+    model, tokenizer = load_model("smollm2-135m")
+    patcher = Patcher(model, tokenizer, PatcherConfig(subject_negatives=16))
+    try:
+        prompt, subject = "The mother tongue of Danielle Darrieux is", "Danielle Darrieux"
+        neighbour = "The mother tongue of Michel Rocard is"
+        before = patcher.generate(neighbour, 4)
+        result = patcher.edit(prompt, "English", subject=subject)
+        assert result.success and patcher.generate(prompt, 2).strip().startswith("English")
+        negatives = _trained_negatives(patcher, [prompt], "English", subject)
+        assert negatives.shape[0] == 16 * len(patcher.encode(prompt, "English").positions)
+        assert _highest_pre_activation(patcher, negatives) < 0
+        assert patcher.generate(neighbour, 4) == before, before
+        assert torch.isfinite(negatives).all()
+    finally:
+        patcher.close()
