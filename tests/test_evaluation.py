@@ -802,9 +802,9 @@ def test_tiny_chat_edits_and_no_chat_template(
     edited: list[str] = []
     safe_edit = protocol._safe_edit
 
-    def spy(editor, prompt, target, also=None):
+    def spy(editor, prompt, target, also=None, subject=None):
         edited.append(prompt)
-        return safe_edit(editor, prompt, target, also)
+        return safe_edit(editor, prompt, target, also, subject)
 
     monkeypatch.setattr(protocol, "_safe_edit", spy)
     results = run_benchmark(
@@ -833,9 +833,9 @@ def test_tiny_lead_edits_also_train_the_models_own_answer_lead(
     wordings: list[list[str]] = []
     safe_edit = protocol._safe_edit
 
-    def spy(editor, prompt, target, also=None):
+    def spy(editor, prompt, target, also=None, subject=None):
         wordings.append(list(also or []))
-        return safe_edit(editor, prompt, target, also)
+        return safe_edit(editor, prompt, target, also, subject)
 
     monkeypatch.setattr(protocol, "_safe_edit", spy)
     run_benchmark(
