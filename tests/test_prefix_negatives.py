@@ -66,7 +66,7 @@ def test_new_neurons_stay_silent_after_the_prefix_in_unrelated_text(kind) -> Non
         assert not patcher.is_mistake(PROMPT, TARGET)
         assert patcher.neurons.size >= 2  # later target tokens got neurons of their own
     on = patchers[8]
-    negatives = on._prefix.vectors(on.encode(PROMPT, TARGET))
+    negatives = on._negatives.prefix.vectors(on.encode(PROMPT, TARGET))
     assert negatives.shape[0] == 8 * (on.neurons.size - 1)
     assert _highest_pre_activation(on, negatives) < 0  # silent after the prefix elsewhere
     assert _highest_pre_activation(patchers[0], negatives) > 0  # without them: fires there
@@ -80,4 +80,4 @@ def test_off_by_default_and_in_the_papers_form() -> None:
     assert PatcherConfig().prefix_negatives == 0 and PatcherConfig.paper().prefix_negatives == 0
     patcher = make_patcher("llama")
     patcher.edit(PROMPT, TARGET)
-    assert patcher._prefix is None
+    assert patcher._negatives.prefix is None

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_core import make_patcher
+from test_core import edit_args, make_patcher
 from test_prefix_negatives import _highest_pre_activation
-from tiny import make_model
+from tiny import ARCHITECTURES, make_model
 
 from tpatcher import PatcherConfig, load_model
 from tpatcher.errors import InvalidEditError
@@ -47,6 +47,22 @@ def test_bundled_names_are_distinct_and_in_no_data_set(data_dir: Path) -> None:
     files = [data_dir / "zsre" / "zsre_mend_train_800.json", *data_dir.glob("counterfact/*.json")]
     text = " ".join(json.dumps(json.loads(f.read_text("utf-8"))).lower() for f in files)
     assert len(files) >= 2 and not [n for n in names if n in text]
+
+
+@pytest.mark.parametrize("kind", ARCHITECTURES)
+def test_one_padded_pass_gives_each_wordings_own_ffn_inputs(kind) -> None:
+    """The swapped wordings are captured in one right-padded batch; each row must be what
+    the wording alone gives, on every architecture (encoder, decoder, classifier)."""
+    patcher = make_patcher(kind)
+    target = edit_args(patcher)[1]
+    texts = ["the capital of france is", "the capital of the big old country is", "paris is"]
+    got = swapped_inputs(patcher._site, lambda t: patcher.encode(t, target), texts)
+    alone = []
+    for text in texts:
+        example = patcher.encode(text, target)
+        alone.append(patcher._site.capture(example.inputs, example.positions).q.float())
+    assert torch.allclose(got, torch.cat(alone), atol=1e-4), kind
+    assert swapped_inputs(patcher._site, lambda t: patcher.encode(t, target), []).shape[0] == 0
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])

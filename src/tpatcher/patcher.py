@@ -9,6 +9,7 @@ in :mod:`tpatcher.merging`.
 from __future__ import annotations
 
 import copy
+import functools
 import threading
 import uuid
 import weakref
@@ -23,6 +24,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from . import persistence
 from .answers import contains_answer
 from .config import PatcherConfig
+from .edit_negatives import EditNegatives
 from .editing import EditRecord, EditResult, Progress, is_right, make_edit
 from .encoding import Example, encode_edit, encode_prompt, render_chat, tokenize
 from .errors import InvalidEditError, TPatcherError
@@ -30,9 +32,8 @@ from .ffn_site import FFNSite, eval_mode
 from .layer import NeuronState, PatchLayer
 from .ledger import EditLedgerMixin, PatcherCheckpoint
 from .memory import MemoryBank, build_memory_bank, ffn_inputs
-from .prefix_negatives import PrefixNegatives, build_prefix_negatives
 from .saving import PatchSavingMixin
-from .subject_negatives import check_subject, subject_negatives
+from .subject_negatives import check_subject
 from .switching import PatchSwitchMixin
 from .wordings import answer_lead
 
@@ -97,7 +98,7 @@ class Patcher(EditLedgerMixin, PatchSavingMixin, PatchSwitchMixin):
         self._memory_texts = list(memory_texts) if memory_texts is not None else None
         self._memory_source = memory_source
         self._memory: MemoryBank | None = None
-        self._prefix: PrefixNegatives | None = None
+        self._negatives = EditNegatives(self._site, tokenizer, self.config, self._memory_texts)
         self._records: dict[str, EditRecord] = {}
         self._pending: dict[str, tuple[NeuronState, EditRecord]] = {}
         self._directories: dict[Path, persistence.PatchDirectory] = {}
@@ -311,27 +312,12 @@ class Patcher(EditLedgerMixin, PatchSavingMixin, PatchSwitchMixin):
     def _training_memory(
         self, example: Example, wordings: list[str], target: str | int | None, subject: str | None
     ) -> torch.Tensor:
-        """The bank, plus this edit's target-prefix negatives and subject-swap negatives
-        where they are on."""
-        swapped = subject_negatives(
-            self._site,
-            lambda text: self.encode(text, target),
-            wordings,
-            subject,
-            count=self.config.subject_negatives,
-            seed=self.config.seed + self._counter,
-        )
+        """The bank, plus this edit's own negatives (:mod:`tpatcher.edit_negatives`)."""
         bank = self.memory.vectors()
-        parts = [bank, swapped.to(bank.device, bank.dtype)]
-        count = self.config.prefix_negatives
-        if count and self.task == "causal-lm" and len(example.positions) > 1:
-            if self._prefix is None:
-                texts = self._memory_texts
-                self._prefix = build_prefix_negatives(
-                    self._site, self.tokenizer, self.config, texts
-                )
-            parts.append(self._prefix.vectors(example).to(bank.device, bank.dtype))
-        return torch.cat(parts) if sum(len(p) for p in parts[1:]) else bank
+        seed = self.config.seed + self._counter
+        encode = functools.partial(self.encode, target=target)
+        extra = self._negatives.for_edit(example, encode, wordings, subject, seed)
+        return torch.cat([bank, extra.to(bank.device, bank.dtype)]) if len(extra) else bank
 
     def _check_new_id(self, edit_id: str | None) -> None:
         if edit_id is None:

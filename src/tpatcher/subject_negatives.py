@@ -23,7 +23,9 @@ from functools import cache
 from importlib import resources
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
+from .capture import record
 from .encoding import Example
 from .errors import InvalidEditError
 from .ffn_site import FFNSite
@@ -59,12 +61,19 @@ def swapped_inputs(
     site: FFNSite, encode: Callable[[str], Example], wordings: Sequence[str]
 ) -> torch.Tensor:
     """The last FFN's inputs (float32, CPU) at each wording's supervised positions, with the
-    edit's target: where the edit's neurons sit on the edit itself."""
-    rows = [torch.zeros(0, site.hidden_size)]
-    for text in wordings:
-        example = encode(text)
-        rows.append(site.capture(example.inputs, example.positions).q.float().cpu())
-    return torch.cat(rows)
+    edit's target: where the edit's neurons sit on the edit itself. One forward pass for
+    all of them, right-padded (so no real token moves and none attends to padding)."""
+    if not wordings:
+        return torch.zeros(0, site.hidden_size)
+    examples = [encode(text) for text in wordings]
+    batch = {
+        key: pad_sequence([e.inputs[key][0] for e in examples], batch_first=True)
+        for key in examples[0].inputs
+    }
+    with torch.no_grad(), record(site.points(only_q=True)) as store:
+        site.run(batch)
+    q = store["q"].float().cpu()
+    return torch.cat([q[i, e.positions] for i, e in enumerate(examples)])
 
 
 def subject_negatives(

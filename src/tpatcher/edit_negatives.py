@@ -1,0 +1,55 @@
+"""The negatives one edit trains against beside the shared bank: its target prefix after
+unrelated contexts (``prefix_negatives``) and its wordings about invented subjects
+(``subject_negatives``). They train that edit only and never join the bank."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from .config import PatcherConfig
+from .encoding import Example
+from .ffn_site import FFNSite
+from .prefix_negatives import PrefixNegatives, build_prefix_negatives
+from .subject_negatives import subject_negatives
+
+
+class EditNegatives:
+    """One Patcher's per-edit negatives; the prefix contexts' cache is built on first use."""
+
+    def __init__(
+        self,
+        site: FFNSite,
+        tokenizer: PreTrainedTokenizerBase,
+        config: PatcherConfig,
+        memory_texts: Sequence[str] | None,
+    ) -> None:
+        self.site, self.tokenizer, self.config = site, tokenizer, config
+        self.memory_texts = memory_texts
+        self.prefix: PrefixNegatives | None = None
+
+    def for_edit(
+        self,
+        example: Example,
+        encode: Callable[[str], Example],
+        wordings: list[str],
+        subject: str | None,
+        seed: int,
+    ) -> torch.Tensor:
+        """(n, d) float32 FFN inputs this edit's neurons must stay silent on; ``encode``
+        tokenises a wording with the edit's target."""
+        parts = [
+            subject_negatives(
+                self.site, encode, wordings, subject, count=self.config.subject_negatives, seed=seed
+            )
+        ]
+        causal = self.site.task == "causal-lm"
+        if self.config.prefix_negatives and causal and len(example.positions) > 1:
+            if self.prefix is None:
+                self.prefix = build_prefix_negatives(
+                    self.site, self.tokenizer, self.config, self.memory_texts
+                )
+            parts.append(self.prefix.vectors(example))
+        return torch.cat(parts)
