@@ -26,9 +26,11 @@ def test_demo_patches_real_mistakes(tmp_path) -> None:
 def test_edit_generate_info_round_trip(tmp_path) -> None:
     patch = tmp_path / "patch"
     prompt = "Question: What is the capital of Nigeria?\nAnswer:"
-    result = runner.invoke(app, ["edit", str(patch), "--prompt", prompt, "--target", "Abuja"])
+    args = ["edit", str(patch), "--prompt", prompt, "--target", "Abuja", "--guess-subject"]
+    result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert "added" in result.output
+    assert "added" in result.output and "subject: 'Nigeria'" in result.output
+    assert json.loads((patch / "manifest.json").read_text())["edits"][0]["subject"] == "Nigeria"
     args = ["generate", prompt, "--patch-dir", str(patch), "--max-new-tokens", "3"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0 and "Abuja" in result.output, result.output

@@ -174,6 +174,19 @@ def test_tpatcher_edits_get_the_items_subject() -> None:
     assert outcome.success and editor.patcher.edits[1].subject is None
 
 
+def test_an_edit_gets_the_records_the_guessed_or_no_subject() -> None:
+    item = EditItem(
+        "a",
+        "Question: Which language did Ada Lindqvist speak?\nAnswer:",
+        "Swedish",
+        question="Which language did Ada Lindqvist speak?",
+        subject="Lindqvist",
+    )
+    assert protocol.edit_subject(item, "record") == "Lindqvist"
+    assert protocol.edit_subject(item, "guess") == "Ada Lindqvist"
+    assert protocol.edit_subject(item, "none") is None
+
+
 # -- the protocol on the real model ---------------------------------------------------------
 @pytest.fixture(scope="module")
 def one_thread():
@@ -644,6 +657,7 @@ def test_settings_are_validated_before_any_work() -> None:
         ({"edit_format": "lead", "methods": ["grace"]}, "tpatcher only"),
         ({"method_settings": {"fine-tune": {}}}, "not a baseline method"),
         ({"methods": ["ft"], "method_settings": {"ft": {"learning_rate": 1}}}, "no setting"),
+        ({"subjects": "auto"}, "unknown subject source"),
     ]
     for changes, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -652,6 +666,9 @@ def test_settings_are_validated_before_any_work() -> None:
     assert template.method_key("ft") != settings(methods=["ft"], edit_format="chat").method_key(
         "ft"
     )
+    guessed = settings(subjects="guess")  # another T-Patcher run; baselines take no subject
+    assert guessed.method_key("tpatcher") != settings().method_key("tpatcher")
+    assert guessed.method_key("ft") == settings().method_key("ft")
 
 
 def test_method_table_imports_lazily(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -18,7 +18,7 @@ import pytest
 from fastapi.testclient import TestClient
 from tiny import MEMORY_TEXTS, make_model, make_tokenizer
 
-from tpatcher import Patcher, persistence
+from tpatcher import Patcher, PatcherConfig, persistence
 from tpatcher.errors import PatchDirectoryError
 from tpatcher.server import EditStore, create_app
 from tpatcher.server.edits import PendingCounter
@@ -394,6 +394,36 @@ def test_an_edit_names_its_subject_or_is_refused(served: App) -> None:
     assert response.status_code == 201, response.text
     info = served.client.get(f"/v1/edits/{response.json()['id']}", headers=READER).json()
     assert info["subject"] == "france" and served.complete() == TARGET
+
+
+def test_without_a_subject_the_service_guesses_it_where_negatives_train(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``subject_negatives`` on, a correction naming no subject is trained about the
+    name its last user message holds; with it off, nothing is guessed."""
+    monkeypatch.setattr("tpatcher.subject_negatives.subject_names", lambda: ("germany",))
+    monkeypatch.setattr(
+        EditStore, "config_from", staticmethod(lambda m: PatcherConfig(subject_negatives=1))
+    )
+    prompt = "the capital of France is"
+    app = App(tmp_path / "store")
+    with app.client:
+        response = app.client.post(
+            "/v1/edits", json={"prompt": prompt, "target": TARGET}, headers=WRITER
+        )
+        assert response.status_code == 201, response.text
+        info = app.client.get(f"/v1/edits/{response.json()['id']}", headers=READER).json()
+        assert info["subject"] == "France" and app.complete(prompt) == TARGET
+    app.patcher.close()
+    monkeypatch.setattr(EditStore, "config_from", staticmethod(lambda m: PatcherConfig()))
+    plain = App(tmp_path / "plain")
+    with plain.client:
+        response = plain.client.post(
+            "/v1/edits", json={"prompt": prompt, "target": TARGET}, headers=WRITER
+        )
+        info = plain.client.get(f"/v1/edits/{response.json()['id']}", headers=READER).json()
+        assert response.status_code == 201 and info.get("subject") is None
+    plain.patcher.close()
 
 
 def make_store(tmp_path: Path) -> tuple[Path, str]:

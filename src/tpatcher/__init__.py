@@ -16,6 +16,7 @@ from .errors import (
 )
 from .ledger import PatcherCheckpoint
 from .patcher import EditRecord, EditResult, Patcher
+from .subject_guess import guess_subject
 
 __version__ = "0.1.0"
 
@@ -32,6 +33,7 @@ __all__ = [
     "TrainingError",
     "UnknownEditError",
     "UnsupportedModelError",
+    "guess_subject",
     "load_model",
 ]
 

@@ -79,8 +79,16 @@ def edit(
         str | None,
         typer.Option(help="What the edit is about, as the prompt names it (recorded with it)"),
     ] = None,
+    guess_subject: Annotated[
+        bool, typer.Option(help="Without --subject: take the longest name the prompt holds")
+    ] = False,
 ) -> None:
     """Add one edit to a patch directory (created if missing)."""
+    if guess_subject and subject is None:
+        from .subject_guess import guess_subject as guess
+
+        subject = guess(prompt)
+        console.print(f"subject: {subject!r}" if subject else "no subject found in the prompt")
     try:
         patcher = _load(model, patch_dir, memory_file, neuron_activation)
         label = int(target) if patcher.task == "seq-cls" and target.isdigit() else None

@@ -95,6 +95,13 @@ def bench(
     general_questions: Annotated[
         int, typer.Option(help="general questions whose chat answers must not change (max 200)")
     ] = 200,
+    subjects: Annotated[
+        str,
+        typer.Option(
+            help="the subject each T-Patcher edit gets: record (the data's), guess (found in "
+            "the question, as the service does) or none"
+        ),
+    ] = "record",
 ) -> None:
     """Run the sequential model-editing benchmark and print every metric per method."""
     settings = BenchSettings(
@@ -117,6 +124,7 @@ def bench(
         real_use=real_use,
         edit_format=edit_format,
         general_questions=general_questions,
+        subjects=subjects,
     )
     _run(settings, stop_after, threads)
 

@@ -46,6 +46,7 @@ from ..config import PatcherConfig
 from ..encoding import has_chat_template, render_chat
 from ..ffn_site import eval_mode
 from ..patcher import Patcher
+from ..subject_guess import guess_subject
 from .data import BENCH_TASKS, EditItem, TaskData, load_task
 from .editors import Editor, EditOutcome, TPatcherEditor
 from .metrics import (
@@ -74,6 +75,10 @@ METHODS = ("tpatcher", *EDITORS)
 #: service edits); or ``joint``: the template prompt trained together with the chat turn and
 #: the bare question (``Patcher.edit(..., also=...)``; T-Patcher only).
 EDIT_FORMATS = ("template", "chat", "joint", "lead")
+#: Which subject each T-Patcher edit is given: the record's ``subject`` field, the one
+#: :func:`tpatcher.guess_subject` finds in its question (as the service does for a
+#: correction that names none), or none.
+SUBJECT_SOURCES = ("record", "guess", "none")
 #: The real-use metrics :func:`evaluate_state` adds (``None`` where undefined).
 REAL_USE_KEYS = ("rel_chat", "gen_chat", "loc_chat", "rel_q", "gen_q", "general_same")
 
@@ -179,6 +184,7 @@ class BenchSettings:
     edit_format: str = "template"
     general_questions: int = 200
     answer_tokens: int = 48
+    subjects: str = "record"
 
     def key(self) -> str:
         """Identifies the data and base evaluation; a resumed run must match it."""
@@ -214,6 +220,11 @@ class BenchSettings:
                 f"unknown edit format {self.edit_format!r}; expected one of "
                 f"{', '.join(EDIT_FORMATS)}"
             )
+        if self.subjects not in SUBJECT_SOURCES:
+            raise ValueError(
+                f"unknown subject source {self.subjects!r}; expected one of "
+                f"{', '.join(SUBJECT_SOURCES)}"
+            )
         if self.edit_format != "template" and self.task == "factcheck":
             raise ValueError("chat edits need a generation task (zsre, counterfact)")
         if self.edit_format in ("joint", "lead") and set(self.methods) != {"tpatcher"}:
@@ -243,6 +254,8 @@ class BenchSettings:
         parts: list[Any] = [self.key(), method, own]
         if self.edit_format != "template":  # keeps the keys of template runs as they were
             parts.append({"edit_format": self.edit_format})
+        if self.subjects != "record" and method == "tpatcher":
+            parts.append({"subjects": self.subjects})
         blob = json.dumps(parts, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -552,6 +565,13 @@ def other_wordings(item: EditItem, edit_format: str, tok: PreTrainedTokenizerBas
     return [*forms, item.question]
 
 
+def edit_subject(item: EditItem, source: str) -> str | None:
+    """The subject an edit of ``item`` is given (see :data:`SUBJECT_SOURCES`)."""
+    if source == "guess":
+        return guess_subject(str(item.question or item.prompt))
+    return item.subject if source == "record" else None
+
+
 def _safe_edit(
     editor: Editor,
     prompt: str,
@@ -706,7 +726,7 @@ def _process(
     if settings.edit_format == "lead" and also and isinstance(editor, TPatcherEditor):
         lead = editor.patcher.answer_lead(str(item.question), str(item.target))
         also += [lead] if lead else []
-    outcome = _safe_edit(editor, prompt, item.target, also, item.subject)
+    outcome = _safe_edit(editor, prompt, item.target, also, edit_subject(item, settings.subjects))
     details = outcome.details
     record.update(
         success=bool(outcome.success),

@@ -14,6 +14,7 @@ import time
 from tpatcher.encoding import render_chat, tokenize
 from tpatcher.errors import InvalidEditError
 from tpatcher.patcher import Patcher
+from tpatcher.subject_guess import guess_subject
 from tpatcher.subject_negatives import check_subject
 
 from .edits import EditJob, EditRunner
@@ -122,8 +123,19 @@ class Service:
                 check_subject(item.subject, prompt)
             except InvalidEditError as exc:
                 raise ServiceError(400, f"{where}{exc}", "invalid_request_error") from exc
-            jobs.append(EditJob(prompt, item.target, tuple(item.also), question, item.subject))
+            subject = item.subject or self._guessed_subject(item, prompt)
+            jobs.append(EditJob(prompt, item.target, tuple(item.also), question, subject))
         return jobs
+
+    def _guessed_subject(self, item: EditRequest, prompt: str) -> str | None:
+        """Where the patcher trains subject-swap negatives and the request names no subject:
+        the one its last user message (or raw prompt) names, by :func:`guess_subject`."""
+        if not self.patcher.config.subject_negatives:
+            return None
+        users = [m.content for m in item.messages or () if m.role == "user"]
+        text = users[-1] if users else item.prompt
+        guess = guess_subject(text) if text else None
+        return guess if guess and guess in prompt else None
 
     def _check_edit_prompt(self, prompt: str, target: str, where: str) -> None:
         """Refuse a wording over the token limit, or one that cannot be trained on."""
