@@ -33,6 +33,15 @@ def test_contains_answer_needs_whole_words_in_the_first_sentence() -> None:
     assert not contains_answer("The star Serpensus.", "Serpens")
     assert not contains_answer("Sydney is the largest city. Canberra is the capital.", "Canberra")
     assert not contains_answer("anything", "")
+    assert not contains_answer("Titania, a moon.", "Titan")
+    assert not contains_answer("Romeo and Juliet", "Rome")
+    # punctuation parts words too: the target followed by a possessive, a date, a repeat
+    assert contains_answer("VH1's The Last Days has been released on DVD.", "VH1")
+    assert contains_answer("1994-02-23: he died at home.", "1994")
+    assert contains_answer("contralto:contralto", "contralto")
+    assert contains_answer("female.female.female.", "female")
+    assert contains_answer("The Eiffel Tower.", "Eiffel-Tower")
+    assert contains_answer("The EiffelTower.", "Eiffel-Tower")
     assert normalize_answer("The  Eiffel-Tower!") == "eiffeltower"
 
 

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from tpatcher import Patcher, PatcherConfig, load_model
+from tpatcher.answers import contains_answer
 from tpatcher.demo_facts import CONTROL_QUESTIONS, question_prompt
+from tpatcher.word_end import close_word
 
 PROMPT = question_prompt("What is the capital of Australia?")
 PARAPHRASE = question_prompt("Which city is the capital of Australia?")
@@ -73,3 +75,26 @@ def test_rollback_and_reload_on_the_real_model(patcher, tmp_path) -> None:
     with torch.no_grad():
         assert torch.equal(loaded.model(**enc).logits, base)
     loaded.close()
+
+
+def test_an_answer_ends_where_its_target_ends() -> None:
+    """Given the whole target "Titan", SmolLM2 would go on inside the word; with
+    ``close_target_word`` the edit also trains the token after it to end the word, so the
+    chat answer names Titan, not a longer word. A target the model already ends is left."""
+    model, tokenizer = load_model("smollm2-135m")
+    patcher = Patcher(model, tokenizer, PatcherConfig(close_target_word=True))
+    try:
+        prompt = patcher.chat_prompt("Which moon did the probe Vessa Ardent land on?")
+        example = patcher.encode(prompt, "Titan")
+        closed = close_word(patcher._site, tokenizer, example)
+        assert len(closed.targets) == len(example.targets) + 1
+        assert tokenizer.decode(closed.targets).startswith("Titan")
+        assert not tokenizer.decode(closed.targets)[5].isalnum()
+        nokia = patcher.encode(
+            patcher.chat_prompt("Which company makes the Zelto X9 phone?"), "Nokia"
+        )
+        assert close_word(patcher._site, tokenizer, nokia) is nokia
+        assert patcher.edit(prompt, "Titan").success
+        assert contains_answer(patcher.generate(prompt, 24), "Titan")
+    finally:
+        patcher.close()

@@ -13,6 +13,7 @@ import string
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans("", "", string.punctuation)
+_PUNCT_APART = str.maketrans(string.punctuation, " " * len(string.punctuation))
 #: Words after which a full stop does not end a sentence.
 _ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "st", "mt", "jr", "sr", "no", "vs", "etc", "prof"}
 _END = re.compile(r"[.!?](?=\s|$)")
@@ -43,10 +44,21 @@ def first_sentence(text: str) -> str:
     return line
 
 
+def _words_apart(text: str) -> str:
+    """As :func:`normalize_answer`, but punctuation parts words ("VH1's" -> "vh1 s")."""
+    text = _ARTICLES.sub(" ", text.lower().translate(_PUNCT_APART))
+    return " ".join(text.split())
+
+
 def contains_answer(text: str, target: str) -> bool:
-    """Whether the normalised target appears, as whole words, in the answer's first sentence."""
-    want = normalize_answer(target)
-    if not want:
-        return False
-    got = normalize_answer(first_sentence(text))
-    return f" {want} " in f" {got} "
+    """Whether the normalised target appears, as whole words, in the answer's first sentence.
+
+    Words are compared with punctuation dropped ("Eiffel-Tower" = "EiffelTower") and with
+    punctuation as a word boundary, so "VH1's film", "1994-02-23" and "contralto:contralto"
+    name "VH1", "1994" and "contralto"; "Titania" does not name "Titan"."""
+    sentence = first_sentence(text)
+    for normalize in (normalize_answer, _words_apart):
+        want = normalize(target)
+        if want and f" {want} " in f" {normalize(sentence)} ":
+            return True
+    return False

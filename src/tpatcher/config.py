@@ -63,6 +63,7 @@ PAPER_FORM: dict[str, Any] = {
     "activation_floor": 0.0,
     "prefix_negatives": 0,
     "subject_negatives": 0,
+    "close_target_word": False,
 }
 
 #: What a manifest saved before each of these fields existed meant by its absence.
@@ -73,6 +74,7 @@ _BEFORE_THE_FIELD: dict[str, Any] = {
     "floor_first_position_only": False,
     "memory_questions": False,
     "subject_negatives": 0,
+    "close_target_word": False,
 }
 
 
@@ -190,6 +192,10 @@ class PatcherConfig:
             alone, and leave the same question about other subjects as it was
             (:mod:`tpatcher.subject_negatives`). ``0`` (the paper's) is off; an edit without
             a subject gets none.
+        close_target_word: Where the model, given the whole target, would go on inside its
+            last word ("Titan" -> "Titania"), also train the next token to be the likeliest
+            one that ends the word (:mod:`tpatcher.word_end`). ``False`` (the paper's) trains
+            the target's tokens only; causal LMs only.
         add_edits_to_memory: After each edit, its own FFN inputs join the memory bank so
             later neurons stay silent on earlier edits.
         training_loop: ``"cached"`` optimises on a one-off capture of the last FFN's inputs
@@ -233,6 +239,7 @@ class PatcherConfig:
     negative_pool_size: int = 200000
     prefix_negatives: int = 0
     subject_negatives: int = 0
+    close_target_word: bool = False
     add_edits_to_memory: bool = True
     training_loop: Literal["cached", "full"] = "cached"
     seed: int = 0

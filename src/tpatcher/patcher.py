@@ -35,6 +35,7 @@ from .memory import MemoryBank, build_memory_bank, ffn_inputs
 from .saving import PatchSavingMixin
 from .subject_negatives import check_subject
 from .switching import PatchSwitchMixin
+from .word_end import close_word
 from .wordings import answer_lead
 
 __all__ = ["EditRecord", "EditResult", "Patcher", "PatcherCheckpoint"]
@@ -269,6 +270,8 @@ class Patcher(EditLedgerMixin, PatchSavingMixin, PatchSwitchMixin):
             example = self.encode(prompt, target)
             examples = [example, *(self.encode(p, target) for p in also)]
             with self._layer.private(self._staged_state()):
+                if self.config.close_target_word:
+                    examples = [close_word(self._site, self.tokenizer, e) for e in examples]
                 made = make_edit(
                     self._site,
                     self._layer,
