@@ -666,6 +666,10 @@ def test_settings_are_validated_before_any_work() -> None:
     assert template.method_key("ft") != settings(methods=["ft"], edit_format="chat").method_key(
         "ft"
     )
+    # a setting left at what its absence meant keys as before it existed; turned on, it differs
+    assert "close_target_word" not in settings().patcher_config().key_fields()
+    closing = settings(patcher={"close_target_word": True})
+    assert closing.method_key("tpatcher") != settings().method_key("tpatcher")
     guessed = settings(subjects="guess")  # another T-Patcher run; baselines take no subject
     assert guessed.method_key("tpatcher") != settings().method_key("tpatcher")
     assert guessed.method_key("ft") == settings().method_key("ft")

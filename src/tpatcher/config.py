@@ -310,6 +310,16 @@ class PatcherConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def key_fields(self) -> dict[str, Any]:
+        """The settings that tell runs apart: every field but those at the value their
+        absence meant (:data:`_BEFORE_THE_FIELD`), so a new setting, left off, does not make
+        a resumable benchmark run start over."""
+        return {
+            name: value
+            for name, value in self.to_dict().items()
+            if not (name in _BEFORE_THE_FIELD and value == _BEFORE_THE_FIELD[name])
+        }
+
     @classmethod
     def paper(cls, **overrides: Any) -> PatcherConfig:
         """The paper's form: every departure listed in this module's docstring undone."""

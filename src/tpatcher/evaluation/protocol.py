@@ -245,10 +245,11 @@ class BenchSettings:
     def method_key(self, method: str) -> str:
         """The run key plus the method's own settings: changing them starts the method over.
 
-        T-Patcher's are the whole resolved config, so a change of a default does too."""
+        T-Patcher's are the whole resolved config, so a change of a default does too; a new
+        setting at the value its absence meant does not (:meth:`PatcherConfig.key_fields`)."""
         own: dict[str, Any]
         if method == "tpatcher":
-            own = self.patcher_config().to_dict()
+            own = self.patcher_config().key_fields()
         else:
             own = self.method_settings.get(method, {})
         parts: list[Any] = [self.key(), method, own]
