@@ -19,9 +19,10 @@ _ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "st", "mt", "jr", "sr", "no", "vs", "
 _END = re.compile(r"[.!?](?=\s|$)")
 
 
-def normalize_answer(text: str) -> str:
-    """SQuAD-style normalisation: lowercase, no punctuation, no articles, single spaces."""
-    text = text.lower().translate(_PUNCT)
+def normalize_answer(text: str, *, punctuation_parts_words: bool = False) -> str:
+    """SQuAD-style normalisation: lowercase, no punctuation, no articles, single spaces;
+    with ``punctuation_parts_words`` punctuation becomes a space ("VH1's" -> "vh1 s")."""
+    text = text.lower().translate(_PUNCT_APART if punctuation_parts_words else _PUNCT)
     text = _ARTICLES.sub(" ", text)
     return " ".join(text.split())
 
@@ -44,12 +45,6 @@ def first_sentence(text: str) -> str:
     return line
 
 
-def _words_apart(text: str) -> str:
-    """As :func:`normalize_answer`, but punctuation parts words ("VH1's" -> "vh1 s")."""
-    text = _ARTICLES.sub(" ", text.lower().translate(_PUNCT_APART))
-    return " ".join(text.split())
-
-
 def contains_answer(text: str, target: str) -> bool:
     """Whether the normalised target appears, as whole words, in the answer's first sentence.
 
@@ -57,8 +52,9 @@ def contains_answer(text: str, target: str) -> bool:
     punctuation as a word boundary, so "VH1's film", "1994-02-23" and "contralto:contralto"
     name "VH1", "1994" and "contralto"; "Titania" does not name "Titan"."""
     sentence = first_sentence(text)
-    for normalize in (normalize_answer, _words_apart):
-        want = normalize(target)
-        if want and f" {want} " in f" {normalize(sentence)} ":
+    for apart in (False, True):
+        want = normalize_answer(target, punctuation_parts_words=apart)
+        got = normalize_answer(sentence, punctuation_parts_words=apart)
+        if want and f" {want} " in f" {got} ":
             return True
     return False

@@ -38,10 +38,10 @@ def continues_word(tokenizer, last: int, token: int) -> bool:
     return bool(text) and (text[0].isalnum() or text[0] == "_")
 
 
-def ends_word(tokenizer, last: int, token: int) -> bool:
-    """Whether ``token`` after ``last`` ends the word: the end of the text or turn, a space
-    or punctuation first."""
-    if token in tokenizer.all_special_ids:
+def ends_word(tokenizer, last: int, token: int, special: set[int] | None = None) -> bool:
+    """Whether ``token`` after ``last`` ends the word: the end of the text or turn (a
+    special token, of ``special`` where given), a space or punctuation first."""
+    if token in (tokenizer.all_special_ids if special is None else special):
         return True
     text = _after(tokenizer, last, token)
     return not text or text[0].isspace() or text[0] in string.punctuation
@@ -63,7 +63,8 @@ def close_word(site: FFNSite, tokenizer, example: Example) -> Example:
     top = logits.topk(min(CANDIDATES, logits.shape[-1])).indices.tolist()
     if not continues_word(tokenizer, last, top[0]):
         return example  # the model already ends the word
-    closing = next((t for t in top if ends_word(tokenizer, last, t)), None)
+    special = set(tokenizer.all_special_ids)
+    closing = next((t for t in top if ends_word(tokenizer, last, t, special)), None)
     if closing is None:
         return example
     position = example.positions[-1:] + 1
