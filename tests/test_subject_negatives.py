@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -14,7 +15,12 @@ from tiny import ARCHITECTURES, make_model
 from tpatcher import PatcherConfig, load_model
 from tpatcher.errors import InvalidEditError
 from tpatcher.patcher import Patcher
-from tpatcher.subject_negatives import subject_names, swapped_inputs, swapped_wordings
+from tpatcher.subject_negatives import (
+    known_names,
+    subject_names,
+    swapped_inputs,
+    swapped_wordings,
+)
 
 PROMPT, TARGET, SUBJECT = "the capital of france is", "berlin", "france"
 IN_VOCAB = ("germany", "italy", "spain", "japan", "china", "paris", "rome", "tokyo")
@@ -95,6 +101,51 @@ def test_a_subject_the_prompt_does_not_name_is_refused_and_nothing_changes(tmp_p
     with pytest.raises(ValueError, match="subject_negatives"):
         PatcherConfig(subject_negatives=-1)
     assert PatcherConfig.paper().subject_negatives == 0
+
+
+def test_known_names_are_the_subjects_of_the_memory_texts_and_everyday_questions() -> None:
+    texts = ["Danielle Darrieux's mother tongue is French", "Here is a recipe", "My dog barks"]
+    names = known_names(texts)
+    assert names[0] == "Danielle Darrieux" and "Sistine Chapel" in names  # a bundled question
+    assert "Here" not in names and "My" not in names
+    assert len({n.lower() for n in names}) == len(names) and all(len(n) > 2 for n in names)
+
+
+def test_a_known_name_holding_the_subject_or_already_in_the_texts_is_not_swapped_in() -> None:
+    names = ["Ada Byron", "Lord Ada Byron II", "Babbage", "Turing", "Hopper"]
+    swapped = swapped_wordings(["Ada Byron worked with Babbage"], "Ada Byron", 10, 0, names)
+    assert sorted(swapped) == ["Hopper worked with Babbage", "Turing worked with Babbage"]
+
+
+def test_known_names_and_earlier_subjects_are_the_second_edits_negatives(monkeypatch) -> None:
+    """With ``known_subject_negatives`` the pool is the memory's names and the subjects of
+    earlier edits: the second edit's neurons stay silent on its wording about the first's
+    subject, where without the setting they fire."""
+    monkeypatch.setattr("tpatcher.edit_negatives.known_names", lambda texts: ("germany", "spain"))
+    second, target = "the capital of italy is", "tokyo"
+    swapped = {"the capital of germany is", "the capital of spain is", PROMPT}
+    highest = {}
+    for count in (3, 0):
+        patcher = make_patcher("llama", known_subject_negatives=count, activation_floor=0.0)
+        assert patcher.edit(PROMPT, TARGET, subject=SUBJECT).success
+        first = patcher.neurons.size
+        assert patcher.edit(second, target, subject="italy").success
+        assert not patcher.is_mistake(second, target) and not patcher.is_mistake(PROMPT, TARGET)
+        assert patcher._negatives.known(["france"]) == ["germany", "spain", "france"]
+        assert set(swapped_wordings([second], "italy", 3, 1, ["germany", "spain", "france"])) == (
+            swapped
+        )
+        encode = functools.partial(patcher.encode, target=target)
+        vectors = swapped_inputs(patcher._site, encode, sorted(swapped))
+        state = patcher.neurons
+        pre = vectors.float() @ state.keys[first:].float().T
+        if state.biases is not None:
+            pre = pre + state.biases[first:].float()
+        highest[count] = float(pre.max())
+    assert highest[3] < 0 < highest[0], highest
+    with pytest.raises(ValueError, match="known_subject_negatives"):
+        PatcherConfig(known_subject_negatives=-1)
+    assert PatcherConfig.paper().known_subject_negatives == 0
 
 
 def test_on_smollm2_the_neighbour_keeps_its_answer() -> None:

@@ -63,6 +63,7 @@ PAPER_FORM: dict[str, Any] = {
     "activation_floor": 0.0,
     "prefix_negatives": 0,
     "subject_negatives": 0,
+    "known_subject_negatives": 0,
     "close_target_word": False,
 }
 
@@ -74,6 +75,7 @@ _BEFORE_THE_FIELD: dict[str, Any] = {
     "floor_first_position_only": False,
     "memory_questions": False,
     "subject_negatives": 0,
+    "known_subject_negatives": 0,
     "close_target_word": False,
 }
 
@@ -192,6 +194,11 @@ class PatcherConfig:
             alone, and leave the same question about other subjects as it was
             (:mod:`tpatcher.subject_negatives`). ``0`` (the paper's) is off; an edit without
             a subject gets none.
+        known_subject_negatives: As ``subject_negatives``, with names the model knows in
+            place of invented ones: the subjects guessed in the memory texts and the bundled
+            everyday questions, and the earlier edits' subjects (a model pictures a name it
+            knows unlike an unknown one, and real neighbours are names it knows). Adds to
+            ``subject_negatives``; ``0`` (the paper's) is off.
         close_target_word: Where the model, given the whole target, would go on inside its
             last word ("Titan" -> "Titania"), also train the next token to be the likeliest
             one that ends the word (:mod:`tpatcher.word_end`). ``False`` (the paper's) trains
@@ -239,6 +246,7 @@ class PatcherConfig:
     negative_pool_size: int = 200000
     prefix_negatives: int = 0
     subject_negatives: int = 0
+    known_subject_negatives: int = 0
     close_target_word: bool = False
     add_edits_to_memory: bool = True
     training_loop: Literal["cached", "full"] = "cached"
@@ -252,7 +260,7 @@ class PatcherConfig:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"PatcherConfig.{name} must be >= 1, got {getattr(self, name)}")
         counts = ("hard_negative_rounds", "negative_pool_size", "memory_chat_answers")
-        for name in (*counts, "prefix_negatives", "subject_negatives"):
+        for name in (*counts, "prefix_negatives", "subject_negatives", "known_subject_negatives"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"PatcherConfig.{name} must be >= 0, got {getattr(self, name)}")
         if not 0 < self.edit_headroom <= 1:

@@ -1,6 +1,7 @@
 """The negatives one edit trains against beside the shared bank: its target prefix after
 unrelated contexts (``prefix_negatives``) and its wordings about invented subjects
-(``subject_negatives``). They train that edit only and never join the bank."""
+(``subject_negatives``) and about names the model knows (``known_subject_negatives``). They
+train that edit only and never join the bank."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from .config import PatcherConfig
 from .encoding import Example
 from .ffn_site import FFNSite
 from .prefix_negatives import PrefixNegatives, build_prefix_negatives
-from .subject_negatives import subject_negatives
+from .subject_negatives import known_names, subject_negatives
 
 
 class EditNegatives:
@@ -29,6 +30,14 @@ class EditNegatives:
         self.site, self.tokenizer, self.config = site, tokenizer, config
         self.memory_texts = memory_texts
         self.prefix: PrefixNegatives | None = None
+        self._known: tuple[str, ...] | None = None
+
+    def known(self, earlier_subjects: Sequence[str]) -> list[str]:
+        """Real names to swap in: those guessed in the memory texts and everyday questions
+        (found once), then the earlier edits' subjects."""
+        if self._known is None:
+            self._known = known_names(self.memory_texts or ())
+        return list(dict.fromkeys([*self._known, *earlier_subjects]))
 
     def for_edit(
         self,
@@ -37,12 +46,22 @@ class EditNegatives:
         wordings: list[str],
         subject: str | None,
         seed: int,
+        earlier_subjects: Sequence[str] = (),
     ) -> torch.Tensor:
         """(n, d) float32 FFN inputs this edit's neurons must stay silent on; ``encode``
         tokenises a wording with the edit's target."""
+        known_count = self.config.known_subject_negatives
+        known = self.known(earlier_subjects) if known_count and subject else []
         parts = [
             subject_negatives(
-                self.site, encode, wordings, subject, count=self.config.subject_negatives, seed=seed
+                self.site,
+                encode,
+                wordings,
+                subject,
+                count=self.config.subject_negatives,
+                seed=seed,
+                known=known,
+                known_count=known_count,
             )
         ]
         causal = self.site.task == "causal-lm"

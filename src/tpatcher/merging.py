@@ -16,6 +16,7 @@ Nothing here imports :mod:`tpatcher.patcher`.
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 from collections.abc import Sequence
@@ -29,7 +30,7 @@ from .adapters import ArchitectureAdapter, find_adapter, get_submodule
 from .errors import UnsupportedModelError
 from .ffn_site import FFNSite, ffn_hidden_size, is_conv1d
 from .ffn_site import ffn_width as value_width
-from .layer import NeuronState
+from .layer import NeuronState, PatchLayer
 
 __all__ = [
     "FFN_WIDTH_CONFIG",
@@ -39,6 +40,7 @@ __all__ = [
     "grow_in",
     "grow_out",
     "merge_into",
+    "merged_copy",
     "pad_ffn",
     "relu_gap",
     "round_up",
@@ -192,6 +194,26 @@ def merge_into(
         grow_out(site.key, keys, biases)
     grow_in(site.value, values)
     return model
+
+
+def merged_copy(
+    model: PreTrainedModel,
+    layer: PatchLayer,
+    adapter: ArchitectureAdapter,
+    block_path: str,
+    activation: str,
+) -> PreTrainedModel:
+    """A plain copy of ``model`` (patched by ``layer``) with the layer's published neurons
+    folded into a wider last FFN; ``model`` keeps its patch."""
+    layer.remove()
+    try:
+        merged = copy.deepcopy(model)
+    finally:
+        layer.attach()
+    if not layer.enabled or not layer.state.size:
+        return merged
+    site = FFNSite(merged, adapter, block_path)
+    return merge_into(merged, site, layer.state, activation)
 
 
 # -- zero neurons ----------------------------------------------------------------------------

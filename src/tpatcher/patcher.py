@@ -8,7 +8,6 @@ in :mod:`tpatcher.merging`.
 
 from __future__ import annotations
 
-import copy
 import functools
 import threading
 import uuid
@@ -148,7 +147,7 @@ class Patcher(EditLedgerMixin, PatchSavingMixin, PatchSwitchMixin):
                     self._memory_texts,
                     self._memory_source,
                 )
-                for record in [*self._records.values(), *(r for _, r in self._pending.values())]:
+                for record in self._all_records():
                     bank.add_edit(record.edit_id, record.memory)
                 self._memory = bank
             return self._memory
@@ -319,8 +318,13 @@ class Patcher(EditLedgerMixin, PatchSavingMixin, PatchSwitchMixin):
         bank = self.memory.vectors()
         seed = self.config.seed + self._counter
         encode = functools.partial(self.encode, target=target)
-        extra = self._negatives.for_edit(example, encode, wordings, subject, seed)
+        earlier = [r.subject for r in self._all_records() if r.subject]
+        extra = self._negatives.for_edit(example, encode, wordings, subject, seed, earlier)
         return torch.cat([bank, extra.to(bank.device, bank.dtype)]) if len(extra) else bank
+
+    def _all_records(self) -> list[EditRecord]:
+        """The published edits, then the pending ones."""
+        return [*self._records.values(), *(r for _, r in self._pending.values())]
 
     def _check_new_id(self, edit_id: str | None) -> None:
         if edit_id is None:
@@ -334,17 +338,9 @@ class Patcher(EditLedgerMixin, PatchSavingMixin, PatchSwitchMixin):
     def merge(self) -> PreTrainedModel:
         """A plain copy of the model with the neurons folded into a wider last FFN
         (see :func:`tpatcher.merging.merge_into` for how each neuron form is folded)."""
-        from .merging import merge_into
+        from .merging import merged_copy
 
-        self._layer.remove()
-        try:
-            merged = copy.deepcopy(self.model)
-        finally:
-            self._layer.attach()
-        if not self._layer.enabled or not self._layer.state.size:
-            return merged
-        site = FFNSite(merged, self.adapter, self.block_path)
-        return merge_into(merged, site, self._layer.state, self.activation)
+        return merged_copy(self.model, self._layer, self.adapter, self.block_path, self.activation)
 
     merge_and_unload = merge  # the peft spelling
 

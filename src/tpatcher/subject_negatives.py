@@ -13,12 +13,19 @@ by invented names (bundled, in no benchmark data set), and the last FFN's inputs
 edit's supervised positions there join this edit's memory: its neurons must stay below beta
 on them, so they key on the subject as well as on the relation. A paraphrase keeps the
 subject and is not among them.
+
+Invented names are unknown to the model, and its picture of a name it knows (a country, a
+film, a person in its training text) differs from its picture of an unknown one; a key
+trained against invented names alone can still fire on a real neighbour.
+``known_subject_negatives`` swaps in real names too: the subjects guessed in the memory texts
+and the bundled everyday questions, and the subjects of the earlier edits
+(:func:`known_names`).
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import cache
 from importlib import resources
 
@@ -29,6 +36,11 @@ from .capture import record
 from .encoding import Example
 from .errors import InvalidEditError
 from .ffn_site import FFNSite
+from .memory import default_questions
+from .subject_guess import guess_subject
+
+#: Capitalised words that open ordinary sentences and are no one's name.
+_NOT_NAMES = frozenset("i my here there once write this it we you our your his her their".split())
 
 
 @cache
@@ -48,11 +60,31 @@ def check_subject(subject: str | None, prompt: str) -> None:
         raise InvalidEditError(f"the subject {subject!r} does not appear in the prompt")
 
 
-def swapped_wordings(texts: Sequence[str], subject: str, count: int, seed: int) -> list[str]:
-    """Each text naming ``subject``, with it replaced by ``count`` bundled names (the same
-    names for every text; none that the texts already contain)."""
-    seen = " ".join(texts).lower()
-    names = [n for n in subject_names() if n.lower() not in seen and n.lower() != subject.lower()]
+def known_names(texts: Iterable[str]) -> tuple[str, ...]:
+    """The subjects guessed in ``texts`` and in the bundled everyday questions, each once, in
+    order: names the model has met, unlike :func:`subject_names`."""
+    out: dict[str, str] = {}
+    for text in [*texts, *default_questions()]:
+        name = guess_subject(text)
+        if name and len(name) > 2 and any(c.isalpha() for c in name):
+            if name.lower() not in _NOT_NAMES:
+                out.setdefault(name.lower(), name)
+    return tuple(out.values())
+
+
+def swapped_wordings(
+    texts: Sequence[str],
+    subject: str,
+    count: int,
+    seed: int,
+    names: Sequence[str] | None = None,
+) -> list[str]:
+    """Each text naming ``subject``, with it replaced by ``count`` of ``names`` (the bundled
+    invented names by default; the same names for every text; none that the texts already
+    contain and none that contains the subject)."""
+    seen, own = " ".join(texts).lower(), subject.lower()
+    pool = subject_names() if names is None else names
+    names = [n for n in pool if n.lower() not in seen and own not in n.lower()]
     picked = random.Random(seed).sample(names, min(count, len(names)))
     return [text.replace(subject, name) for name in picked for text in texts if subject in text]
 
@@ -84,9 +116,14 @@ def subject_negatives(
     *,
     count: int,
     seed: int,
+    known: Sequence[str] = (),
+    known_count: int = 0,
 ) -> torch.Tensor:
     """An edit's negatives: the FFN inputs of its ``wordings`` about ``count`` invented
-    subjects (none without a subject or a count)."""
-    if subject is None or not count:
+    subjects and ``known_count`` of the ``known`` names (none without a subject)."""
+    if subject is None or not count + known_count:
         return torch.zeros(0, site.hidden_size)
-    return swapped_inputs(site, encode, swapped_wordings(wordings, subject, count, seed))
+    swapped = swapped_wordings(wordings, subject, count, seed)
+    if known_count:
+        swapped += swapped_wordings(wordings, subject, known_count, seed, names=known)
+    return swapped_inputs(site, encode, swapped)

@@ -41,67 +41,76 @@ def _patcher_option(text: str) -> dict[str, Any]:
     return _json_option(text, "--patcher")
 
 
+#: The options of ``tpatcher bench`` whose help does not fit beside their name.
+_Methods = Annotated[str, typer.Option(help="comma-separated: " + ",".join(METHODS))]
+_Model = Annotated[str, typer.Option(help="embedded model name or local folder")]
+_Data = Annotated[Path, typer.Option(help="the data directory (see its README.md)")]
+_Out = Annotated[Path, typer.Option(help="results directory; rerun to resume")]
+_Mode = Annotated[
+    str | None,
+    typer.Option(help="mistakes (edit only what the model gets wrong) or counterfactual"),
+]
+_Heldout = Annotated[int, typer.Option(help="size of each held-out set (TrainR, TestR)")]
+_GeneralPrompts = Annotated[
+    int, typer.Option(help="prompts whose sampled text measures perplexity (max 16)")
+]
+_EvalEvery = Annotated[
+    int, typer.Option(help="full evaluation every K items for the plots (0: only at the end)")
+]
+_PatcherSettings = Annotated[
+    str,
+    typer.Option(
+        help="JSON PatcherConfig overrides, e.g. '{\"max_steps\": 500}', "
+        "or 'paper' for the paper's form"
+    ),
+]
+_MethodSettings = Annotated[
+    str, typer.Option(help='JSON settings per baseline, e.g. \'{"ft": {"lr": 1e-4}}\'')
+]
+_Threads = Annotated[
+    int, typer.Option(help="torch CPU threads (0: torch's default); 1 is fastest on a busy CPU")
+]
+_StopAfter = Annotated[
+    int | None, typer.Option(help="process at most this many items per method, then stop")
+]
+_RealUse = Annotated[
+    bool, typer.Option(help="free-answer metrics: chat, bare question, unchanged general answers")
+]
+_GeneralQuestions = Annotated[
+    int, typer.Option(help="general questions whose chat answers must not change (max 200)")
+]
+_Subjects = Annotated[
+    str,
+    typer.Option(
+        help="the subject each T-Patcher edit gets: record (the data's), guess (found in "
+        "the question, as the service does) or none"
+    ),
+]
+
+
 def bench(
     task: Annotated[str, typer.Option(help="zsre, counterfact or factcheck")] = "zsre",
-    methods: Annotated[str, typer.Option(help="comma-separated: " + ",".join(METHODS))] = (
-        "tpatcher"
-    ),
+    methods: _Methods = "tpatcher",
     edits: Annotated[int, typer.Option(help="length T of the edit stream")] = 20,
-    model: Annotated[str, typer.Option(help="embedded model name or local folder")] = (
-        "smollm2-135m"
-    ),
-    data: Annotated[Path, typer.Option(help="the data directory (see its README.md)")] = Path(
-        "../shared/data"
-    ),
+    model: _Model = "smollm2-135m",
+    data: _Data = Path("../shared/data"),
     seed: Annotated[int, typer.Option(help="seeds the stream order and the methods")] = 0,
-    out: Annotated[Path, typer.Option(help="results directory; rerun to resume")] = Path(
-        "bench-out"
-    ),
-    mode: Annotated[
-        str | None,
-        typer.Option(help="mistakes (edit only what the model gets wrong) or counterfactual"),
-    ] = None,
-    heldout: Annotated[int, typer.Option(help="size of each held-out set (TrainR, TestR)")] = 100,
+    out: _Out = Path("bench-out"),
+    mode: _Mode = None,
+    heldout: _Heldout = 100,
     memory_records: Annotated[int, typer.Option(help="records turned into memory texts")] = 1000,
-    general_prompts: Annotated[
-        int, typer.Option(help="prompts whose sampled text measures perplexity (max 16)")
-    ] = 16,
+    general_prompts: _GeneralPrompts = 16,
     general_tokens: Annotated[int, typer.Option(help="tokens sampled per general prompt")] = 48,
     checkpoint_every: Annotated[int, typer.Option(help="checkpoint after every K items")] = 10,
-    eval_every: Annotated[
-        int, typer.Option(help="full evaluation every K items for the plots (0: only at the end)")
-    ] = 0,
-    patcher: Annotated[
-        str,
-        typer.Option(
-            help="JSON PatcherConfig overrides, e.g. '{\"max_steps\": 500}', "
-            "or 'paper' for the paper's form"
-        ),
-    ] = "{}",
-    method_settings: Annotated[
-        str, typer.Option(help='JSON settings per baseline, e.g. \'{"ft": {"lr": 1e-4}}\'')
-    ] = "{}",
-    threads: Annotated[
-        int, typer.Option(help="torch CPU threads (0: torch's default); 1 is fastest on a busy CPU")
-    ] = 0,
-    stop_after: Annotated[
-        int | None, typer.Option(help="process at most this many items per method, then stop")
-    ] = None,
-    real_use: Annotated[
-        bool,
-        typer.Option(help="free-answer metrics: chat, bare question, unchanged general answers"),
-    ] = True,
+    eval_every: _EvalEvery = 0,
+    patcher: _PatcherSettings = "{}",
+    method_settings: _MethodSettings = "{}",
+    threads: _Threads = 0,
+    stop_after: _StopAfter = None,
+    real_use: _RealUse = True,
     edit_format: Annotated[str, typer.Option(help=EDIT_FORMAT_HELP)] = "template",
-    general_questions: Annotated[
-        int, typer.Option(help="general questions whose chat answers must not change (max 200)")
-    ] = 200,
-    subjects: Annotated[
-        str,
-        typer.Option(
-            help="the subject each T-Patcher edit gets: record (the data's), guess (found in "
-            "the question, as the service does) or none"
-        ),
-    ] = "record",
+    general_questions: _GeneralQuestions = 200,
+    subjects: _Subjects = "record",
 ) -> None:
     """Run the sequential model-editing benchmark and print every metric per method."""
     settings = BenchSettings(

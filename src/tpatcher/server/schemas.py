@@ -112,9 +112,9 @@ class EditRequest(BaseModel):
     user turn) adds the bare question and the model's own answer up to where it states the
     answer, so the fix also reaches plain prompts and answers that restate the question.
     ``subject``: what the correction is about, as the prompt (or last message) names it;
-    where the server's Patcher has ``subject_negatives``, the same wordings about other
-    subjects are kept as they were (without it, the subject is guessed from the last user
-    message or the prompt: :func:`tpatcher.guess_subject`).
+    where the server's Patcher has ``subject_negatives`` (or ``known_subject_negatives``),
+    the same wordings about other subjects are kept as they were (without it, the subject is
+    guessed from the last user message or the prompt: :func:`tpatcher.guess_subject`).
     """
 
     model_config = ConfigDict(extra="forbid")

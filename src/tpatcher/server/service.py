@@ -130,7 +130,8 @@ class Service:
     def _guessed_subject(self, item: EditRequest, prompt: str) -> str | None:
         """Where the patcher trains subject-swap negatives and the request names no subject:
         the one its last user message (or raw prompt) names, by :func:`guess_subject`."""
-        if not self.patcher.config.subject_negatives:
+        config = self.patcher.config
+        if not config.subject_negatives + config.known_subject_negatives:
             return None
         users = [m.content for m in item.messages or () if m.role == "user"]
         text = users[-1] if users else item.prompt
