@@ -131,7 +131,7 @@ def test_known_names_and_earlier_subjects_are_the_second_edits_negatives(monkeyp
         first = patcher.neurons.size
         assert patcher.edit(second, target, subject="italy").success
         assert not patcher.is_mistake(second, target) and not patcher.is_mistake(PROMPT, TARGET)
-        assert patcher._negatives.known(["france"]) == ["germany", "spain", "france"]
+        assert patcher._negatives.known() == ["germany", "spain", "france", "italy"]
         assert set(swapped_wordings([second], "italy", 3, 1, ["germany", "spain", "france"])) == (
             swapped
         )

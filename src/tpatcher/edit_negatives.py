@@ -26,18 +26,20 @@ class EditNegatives:
         tokenizer: PreTrainedTokenizerBase,
         config: PatcherConfig,
         memory_texts: Sequence[str] | None,
+        earlier_subjects: Callable[[], list[str]] = list,
     ) -> None:
         self.site, self.tokenizer, self.config = site, tokenizer, config
         self.memory_texts = memory_texts
+        self.earlier_subjects = earlier_subjects  # asked only where known names are swapped in
         self.prefix: PrefixNegatives | None = None
         self._known: tuple[str, ...] | None = None
 
-    def known(self, earlier_subjects: Sequence[str]) -> list[str]:
+    def known(self) -> list[str]:
         """Real names to swap in: those guessed in the memory texts and everyday questions
         (found once), then the earlier edits' subjects."""
         if self._known is None:
             self._known = known_names(self.memory_texts or ())
-        return list(dict.fromkeys([*self._known, *earlier_subjects]))
+        return list(dict.fromkeys([*self._known, *self.earlier_subjects()]))
 
     def for_edit(
         self,
@@ -46,12 +48,11 @@ class EditNegatives:
         wordings: list[str],
         subject: str | None,
         seed: int,
-        earlier_subjects: Sequence[str] = (),
     ) -> torch.Tensor:
         """(n, d) float32 FFN inputs this edit's neurons must stay silent on; ``encode``
         tokenises a wording with the edit's target."""
         known_count = self.config.known_subject_negatives
-        known = self.known(earlier_subjects) if known_count and subject else []
+        known = self.known() if known_count and subject else []
         parts = [
             subject_negatives(
                 self.site,

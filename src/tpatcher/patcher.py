@@ -98,7 +98,9 @@ class Patcher(EditLedgerMixin, PatchSavingMixin, PatchSwitchMixin):
         self._memory_texts = list(memory_texts) if memory_texts is not None else None
         self._memory_source = memory_source
         self._memory: MemoryBank | None = None
-        self._negatives = EditNegatives(self._site, tokenizer, self.config, self._memory_texts)
+        self._negatives = EditNegatives(
+            self._site, tokenizer, self.config, self._memory_texts, self._earlier_subjects
+        )
         self._records: dict[str, EditRecord] = {}
         self._pending: dict[str, tuple[NeuronState, EditRecord]] = {}
         self._directories: dict[Path, persistence.PatchDirectory] = {}
@@ -318,13 +320,15 @@ class Patcher(EditLedgerMixin, PatchSavingMixin, PatchSwitchMixin):
         bank = self.memory.vectors()
         seed = self.config.seed + self._counter
         encode = functools.partial(self.encode, target=target)
-        earlier = [r.subject for r in self._all_records() if r.subject]
-        extra = self._negatives.for_edit(example, encode, wordings, subject, seed, earlier)
+        extra = self._negatives.for_edit(example, encode, wordings, subject, seed)
         return torch.cat([bank, extra.to(bank.device, bank.dtype)]) if len(extra) else bank
 
     def _all_records(self) -> list[EditRecord]:
         """The published edits, then the pending ones."""
         return [*self._records.values(), *(r for _, r in self._pending.values())]
+
+    def _earlier_subjects(self) -> list[str]:
+        return [r.subject for r in self._all_records() if r.subject]
 
     def _check_new_id(self, edit_id: str | None) -> None:
         if edit_id is None:
