@@ -16,7 +16,10 @@ from tpatcher import PatcherConfig, load_model
 from tpatcher.errors import InvalidEditError
 from tpatcher.patcher import Patcher
 from tpatcher.subject_negatives import (
+    NAME_CONTEXT,
     known_names,
+    name_vectors,
+    nearest_first,
     subject_names,
     swapped_inputs,
     swapped_wordings,
@@ -164,5 +167,92 @@ def test_on_smollm2_the_neighbour_keeps_its_answer() -> None:
         assert _highest_pre_activation(patcher, negatives) < 0
         assert patcher.generate(neighbour, 4) == before, before
         assert torch.isfinite(negatives).all()
+    finally:
+        patcher.close()
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_a_names_picture_is_its_last_tokens_ffn_input_whatever_the_batch(kind) -> None:
+    """Names of different lengths share a right-padded pass; each row is what the name read
+    alone after :data:`NAME_CONTEXT` gives at its last token."""
+    patcher = make_patcher(kind)
+    names = ["france", "the big old country", "rome"]
+    got = name_vectors(patcher._site, patcher.tokenizer, names, batch=2)
+    for name, row in zip(names, got, strict=True):
+        ids = patcher.tokenizer(NAME_CONTEXT + name, return_tensors="pt")
+        capture = patcher._site.capture(dict(ids), torch.tensor([ids["input_ids"].shape[1] - 1]))
+        assert torch.allclose(row, capture.q[0].float(), atol=1e-4), name
+    assert name_vectors(patcher._site, patcher.tokenizer, []).shape == (0, got.shape[1])
+
+
+def test_nearest_names_come_first_and_are_taken_in_order() -> None:
+    vectors = torch.tensor([[0.0, 1.0], [1.0, 0.1], [1.0, 0.0], [-1.0, 0.0]])
+    names = ["up", "almost", "right", "left"]
+    assert nearest_first(torch.tensor([2.0, 0.0]), names, vectors) == [
+        "right",
+        "almost",
+        "up",
+        "left",
+    ]
+    texts = ["Ada Byron worked"]
+    got = swapped_wordings(
+        texts, "Ada Byron", 2, 0, ["Lord Ada Byron", "Turing", "Hopper", "X"], in_order=True
+    )
+    assert got == ["Turing worked", "Hopper worked"]
+
+
+def test_nearest_pick_trains_the_edit_against_the_names_nearest_its_subject(monkeypatch) -> None:
+    """With ``known_subject_pick="nearest"`` the known names are ordered by their pictures'
+    cosine to the subject's, and the edit's negatives are the first of them."""
+    monkeypatch.setattr("tpatcher.edit_negatives.known_names", lambda texts: IN_VOCAB)
+    patcher = make_patcher(
+        "llama", known_subject_negatives=2, known_subject_pick="nearest", activation_floor=0.0
+    )
+    site, tokenizer = patcher._site, patcher.tokenizer
+    ordered = patcher._negatives.known(SUBJECT)
+    pictures = name_vectors(site, tokenizer, [SUBJECT, *IN_VOCAB])
+    cosine = torch.nn.functional.cosine_similarity(pictures[1:], pictures[:1])
+    assert ordered == [IN_VOCAB[i] for i in cosine.argsort(descending=True).tolist()]
+    assert patcher._negatives.known() == list(IN_VOCAB)  # no subject: no order
+    assert patcher.edit(PROMPT, TARGET, subject=SUBJECT).success
+    first_two = [PROMPT.replace(SUBJECT, name) for name in ordered[:2]]
+    encode = functools.partial(patcher.encode, target=TARGET)
+    assert _highest_pre_activation(patcher, swapped_inputs(site, encode, first_two)) < 0
+    with pytest.raises(ValueError, match="known_subject_pick"):
+        PatcherConfig(known_subject_pick="closest")
+    assert PatcherConfig.paper().known_subject_pick == "random"
+
+
+def test_on_smollm2_a_names_nearest_known_names_are_of_its_kind() -> None:
+    """The real model's pictures: a city's nearest names are cities, a person's people, a
+    company's companies, so the nearest pick swaps in the neighbours a key could fire on.
+    (Not always all three: Michel Rocard, a French politician, has Paris above Mandela.)"""
+    model, tokenizer = load_model("smollm2-135m")
+    patcher = Patcher(model, tokenizer, PatcherConfig())
+    try:
+        kinds = {
+            "city": ["Cairo", "Paris", "Nairobi"],
+            "person": ["Angela Merkel", "Nelson Mandela", "Albert Einstein"],
+            "company": ["Microsoft", "Netflix", "Amazon"],
+        }
+        subjects = {
+            "Bratislava": "city",
+            "Lyon": "city",
+            "Helsinki": "city",
+            "Michel Rocard": "person",
+            "Danielle Darrieux": "person",
+            "Barack Obama": "person",
+            "Toyota": "company",
+            "Siemens": "company",
+            "Nokia": "company",
+        }
+        pool = [name for names in kinds.values() for name in names]
+        pictures = name_vectors(patcher._site, tokenizer, [*subjects, *pool])
+        all_three = 0
+        for row, (subject, kind) in enumerate(subjects.items()):
+            nearest = nearest_first(pictures[row], pool, pictures[len(subjects) :])
+            assert nearest[0] in kinds[kind], (subject, nearest)
+            all_three += set(nearest[:3]) == set(kinds[kind])
+        assert all_three >= 8, all_three
     finally:
         patcher.close()

@@ -76,6 +76,7 @@ _BEFORE_THE_FIELD: dict[str, Any] = {
     "memory_questions": False,
     "subject_negatives": 0,
     "known_subject_negatives": 0,
+    "known_subject_pick": "random",
     "close_target_word": False,
 }
 
@@ -199,6 +200,10 @@ class PatcherConfig:
             everyday questions, and the earlier edits' subjects (a model pictures a name it
             knows unlike an unknown one, and real neighbours are names it knows). Adds to
             ``subject_negatives``; ``0`` (the paper's) is off.
+        known_subject_pick: Which known names: ``"random"`` (a seeded draw) or
+            ``"nearest"``, those whose picture in the model (the last FFN's input at the
+            name) is nearest the subject's, so a city's edit is trained against other cities,
+            the neighbours its key is likeliest to fire on (causal LMs; others draw).
         close_target_word: Where the model, given the whole target, would go on inside its
             last word ("Titan" -> "Titania"), also train the next token to be the likeliest
             one that ends the word (:mod:`tpatcher.word_end`). ``False`` (the paper's) trains
@@ -247,6 +252,7 @@ class PatcherConfig:
     prefix_negatives: int = 0
     subject_negatives: int = 0
     known_subject_negatives: int = 0
+    known_subject_pick: Literal["random", "nearest"] = "random"
     close_target_word: bool = False
     add_edits_to_memory: bool = True
     training_loop: Literal["cached", "full"] = "cached"
@@ -278,6 +284,11 @@ class PatcherConfig:
             raise ValueError(
                 f"PatcherConfig.neuron_activation {self.neuron_activation!r} is not 'auto', "
                 "None or an activation transformers knows (for example 'relu', 'gelu')"
+            )
+        if self.known_subject_pick not in ("random", "nearest"):
+            raise ValueError(
+                "PatcherConfig.known_subject_pick must be 'random' or 'nearest', "
+                f"got {self.known_subject_pick!r}"
             )
         if self.training_loop not in ("cached", "full"):
             raise ValueError(

@@ -14,7 +14,7 @@ from .config import PatcherConfig
 from .encoding import Example
 from .ffn_site import FFNSite
 from .prefix_negatives import PrefixNegatives, build_prefix_negatives
-from .subject_negatives import known_names, subject_negatives
+from .subject_negatives import known_names, name_vectors, nearest_first, subject_negatives
 
 
 class EditNegatives:
@@ -33,13 +33,22 @@ class EditNegatives:
         self.earlier_subjects = earlier_subjects  # asked only where known names are swapped in
         self.prefix: PrefixNegatives | None = None
         self._known: tuple[str, ...] | None = None
+        self._pictures: dict[str, torch.Tensor] = {}  # name -> name_vectors row
+        self.nearest = config.known_subject_pick == "nearest" and site.task == "causal-lm"
 
-    def known(self) -> list[str]:
+    def known(self, subject: str | None = None) -> list[str]:
         """Real names to swap in: those guessed in the memory texts and everyday questions
-        (found once), then the earlier edits' subjects."""
+        (found once), then the earlier edits' subjects; with ``known_subject_pick="nearest"``
+        and a ``subject``, nearest the subject first."""
         if self._known is None:
             self._known = known_names(self.memory_texts or ())
-        return list(dict.fromkeys([*self._known, *self.earlier_subjects()]))
+        names = list(dict.fromkeys([*self._known, *self.earlier_subjects()]))
+        if subject is None or not self.nearest or not names:
+            return names
+        new = [n for n in dict.fromkeys([*names, subject]) if n not in self._pictures]
+        self._pictures.update(zip(new, name_vectors(self.site, self.tokenizer, new), strict=True))
+        pictures = torch.stack([self._pictures[n] for n in names])
+        return nearest_first(self._pictures[subject], names, pictures)
 
     def for_edit(
         self,
@@ -52,7 +61,7 @@ class EditNegatives:
         """(n, d) float32 FFN inputs this edit's neurons must stay silent on; ``encode``
         tokenises a wording with the edit's target."""
         known_count = self.config.known_subject_negatives
-        known = self.known() if known_count and subject else []
+        known = self.known(subject) if known_count and subject else []
         parts = [
             subject_negatives(
                 self.site,
@@ -63,6 +72,7 @@ class EditNegatives:
                 seed=seed,
                 known=known,
                 known_count=known_count,
+                known_in_order=self.nearest,
             )
         ]
         causal = self.site.task == "causal-lm"

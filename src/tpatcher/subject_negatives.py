@@ -19,7 +19,9 @@ film, a person in its training text) differs from its picture of an unknown one;
 trained against invented names alone can still fire on a real neighbour.
 ``known_subject_negatives`` swaps in real names too: the subjects guessed in the memory texts
 and the bundled everyday questions, and the subjects of the earlier edits
-(:func:`known_names`).
+(:func:`known_names`). With ``known_subject_pick="nearest"`` the names swapped in are those
+the model pictures most like the subject (:func:`name_vectors`: cities for a city, people for
+a person), the neighbours a key is likeliest to fire on, rather than a random draw.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from importlib import resources
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
+from transformers import PreTrainedTokenizerBase
 
 from .capture import record
 from .encoding import Example
@@ -72,20 +75,58 @@ def known_names(texts: Iterable[str]) -> tuple[str, ...]:
     return tuple(out.values())
 
 
+#: Words a name is read after for its picture (:func:`name_vectors`), so that its last
+#: token is never a sequence's first, whose FFN input is an outlier in causal LMs.
+NAME_CONTEXT = "This is about "
+
+
+def name_vectors(
+    site: FFNSite, tokenizer: PreTrainedTokenizerBase, names: Sequence[str], batch: int = 64
+) -> torch.Tensor:
+    """(n, d) float32: the last FFN's input at each name's last token after
+    :data:`NAME_CONTEXT`, the model's picture of the name (causal LMs: one right-padded pass
+    per ``batch`` names)."""
+    rows = [torch.zeros(0, site.hidden_size)]
+    for start in range(0, len(names), batch):
+        ids = [
+            tokenizer(NAME_CONTEXT + name, return_tensors="pt")["input_ids"][0]
+            for name in names[start : start + batch]
+        ]
+        lengths = torch.tensor([len(i) for i in ids])
+        input_ids = pad_sequence(ids, batch_first=True, padding_value=tokenizer.pad_token_id or 0)
+        mask = (torch.arange(input_ids.shape[1]) < lengths[:, None]).long()
+        with torch.no_grad(), record(site.points(only_q=True)) as store:
+            site.run({"input_ids": input_ids, "attention_mask": mask})
+        rows.append(store["q"].float().cpu()[torch.arange(len(ids)), lengths - 1])
+    return torch.cat(rows)
+
+
+def nearest_first(subject: torch.Tensor, names: Sequence[str], vectors: torch.Tensor) -> list[str]:
+    """``names`` ordered by the cosine of their vectors to the subject's, nearest first."""
+    cosine = torch.nn.functional.cosine_similarity(vectors, subject[None], dim=-1)
+    return [names[i] for i in cosine.argsort(descending=True, stable=True).tolist()]
+
+
 def swapped_wordings(
     texts: Sequence[str],
     subject: str,
     count: int,
     seed: int,
     names: Sequence[str] | None = None,
+    *,
+    in_order: bool = False,
 ) -> list[str]:
     """Each text naming ``subject``, with it replaced by ``count`` of ``names`` (the bundled
     invented names by default; the same names for every text; none that the texts already
-    contain and none that contains the subject)."""
+    contain and none that contains the subject): a seeded draw, or with ``in_order`` the
+    first ``count`` of them."""
     seen, own = " ".join(texts).lower(), subject.lower()
     pool = subject_names() if names is None else names
     names = [n for n in pool if n.lower() not in seen and own not in n.lower()]
-    picked = random.Random(seed).sample(names, min(count, len(names)))
+    if in_order:
+        picked = names[:count]
+    else:
+        picked = random.Random(seed).sample(names, min(count, len(names)))
     return [text.replace(subject, name) for name in picked for text in texts if subject in text]
 
 
@@ -118,12 +159,16 @@ def subject_negatives(
     seed: int,
     known: Sequence[str] = (),
     known_count: int = 0,
+    known_in_order: bool = False,
 ) -> torch.Tensor:
     """An edit's negatives: the FFN inputs of its ``wordings`` about ``count`` invented
-    subjects and ``known_count`` of the ``known`` names (none without a subject)."""
+    subjects and ``known_count`` of the ``known`` names (drawn, or with ``known_in_order``
+    the first of them; none without a subject)."""
     if subject is None or not count + known_count:
         return torch.zeros(0, site.hidden_size)
     swapped = swapped_wordings(wordings, subject, count, seed)
     if known_count:
-        swapped += swapped_wordings(wordings, subject, known_count, seed, names=known)
+        swapped += swapped_wordings(
+            wordings, subject, known_count, seed, names=known, in_order=known_in_order
+        )
     return swapped_inputs(site, encode, swapped)
