@@ -95,9 +95,8 @@ def name_vectors(
         lengths = torch.tensor([len(i) for i in ids])
         input_ids = pad_sequence(ids, batch_first=True, padding_value=tokenizer.pad_token_id or 0)
         mask = (torch.arange(input_ids.shape[1]) < lengths[:, None]).long()
-        with torch.no_grad(), record(site.points(only_q=True)) as store:
-            site.run({"input_ids": input_ids, "attention_mask": mask})
-        rows.append(store["q"].float().cpu()[torch.arange(len(ids)), lengths - 1])
+        q = site.ffn_inputs({"input_ids": input_ids, "attention_mask": mask}, "attention_mask")
+        rows.append(q[lengths.cumsum(0) - 1])  # each row's last real token
     return torch.cat(rows)
 
 
