@@ -256,3 +256,47 @@ def test_on_smollm2_a_names_nearest_known_names_are_of_its_kind() -> None:
         assert all_three >= 8, all_three
     finally:
         patcher.close()
+
+
+def test_in_memory_a_later_edit_stays_silent_on_an_earlier_edits_swapped_wordings(
+    monkeypatch, tmp_path
+) -> None:
+    """With ``subject_negatives_in_memory`` the first edit's wordings about other subjects
+    join the bank: a later edit of the same wording, made without a subject (so with no
+    negatives of its own), stays silent on them, where without the setting it fires. They are
+    saved and loaded with the edit and leave with its rollback."""
+    names = ("germany", "spain", "japan", "china")
+    monkeypatch.setattr("tpatcher.subject_negatives.subject_names", lambda: names)
+    second, target = "the capital of italy is", "tokyo"
+    highest, patchers, grown = {}, {}, {}
+    for shared in (True, False):
+        patcher = make_patcher(
+            "llama", subject_negatives=4, subject_negatives_in_memory=shared, activation_floor=0.0
+        )
+        bank = len(patcher.memory)
+        assert patcher.edit(PROMPT, TARGET, subject=SUBJECT).success
+        swaps = _trained_negatives(patcher, [PROMPT], TARGET, SUBJECT)
+        grown[shared] = len(patcher.memory) - bank
+        first = patcher.neurons.size
+        assert patcher.edit(second, target).success  # no subject: no negatives of its own
+        assert not patcher.is_mistake(second, target) and not patcher.is_mistake(PROMPT, TARGET)
+        state = patcher.neurons
+        pre = swaps.float() @ state.keys[first:].float().T
+        highest[shared] = float(pre.max())
+        patchers[shared] = patcher
+    assert highest[True] < 0 < highest[False], highest
+    assert (
+        grown[True] - grown[False]
+        == len(swaps)
+        == 4 * len(patcher.encode(PROMPT, TARGET).positions)
+    )
+    on = patchers[True]
+    assert torch.equal(on.edits[0].memory[grown[False] :], swaps)
+    on.save(tmp_path / "p")
+    loaded = Patcher.load(make_model("llama"), on.tokenizer, tmp_path / "p")
+    assert loaded.config.subject_negatives_in_memory
+    assert all(torch.equal(a.memory, b.memory) for a, b in zip(loaded.edits, on.edits, strict=True))
+    before = len(on.memory)
+    on.rollback(on.edits[0].edit_id)
+    assert before - len(on.memory) == grown[True]
+    assert not PatcherConfig.paper().subject_negatives_in_memory

@@ -64,6 +64,7 @@ PAPER_FORM: dict[str, Any] = {
     "prefix_negatives": 0,
     "subject_negatives": 0,
     "known_subject_negatives": 0,
+    "subject_negatives_in_memory": False,
     "close_target_word": False,
 }
 
@@ -77,6 +78,7 @@ _BEFORE_THE_FIELD: dict[str, Any] = {
     "subject_negatives": 0,
     "known_subject_negatives": 0,
     "known_subject_pick": "random",
+    "subject_negatives_in_memory": False,
     "close_target_word": False,
 }
 
@@ -204,6 +206,14 @@ class PatcherConfig:
             ``"nearest"``, those whose picture in the model (the last FFN's input at the
             name) is nearest the subject's, so a city's edit is trained against other cities,
             the neighbours its key is likeliest to fire on (causal LMs; others draw).
+        subject_negatives_in_memory: Keep an edit's subject-swap negatives in the memory
+            bank with its own inputs (and in its saved patch), so every later edit is also
+            trained silent on them: a key of one fact is otherwise free to fire on another
+            wording of the same relation about another subject ("X, whose headquarters are
+            in" against an edit of "The headquarters of Y is in"), which only an earlier
+            edit of that wording brings into the bank. ``False`` (the paper's) trains them
+            for their own edit only. A later edit about a name swapped in earlier is also
+            trained silent on that earlier wording about it, one of its own paraphrases.
         close_target_word: Where the model, given the whole target, would go on inside its
             last word ("Titan" -> "Titania"), also train the next token to be the likeliest
             one that ends the word (:mod:`tpatcher.word_end`). ``False`` (the paper's) trains
@@ -253,6 +263,7 @@ class PatcherConfig:
     subject_negatives: int = 0
     known_subject_negatives: int = 0
     known_subject_pick: Literal["random", "nearest"] = "random"
+    subject_negatives_in_memory: bool = False
     close_target_word: bool = False
     add_edits_to_memory: bool = True
     training_loop: Literal["cached", "full"] = "cached"

@@ -1,11 +1,13 @@
 """The negatives one edit trains against beside the shared bank: its target prefix after
 unrelated contexts (``prefix_negatives``) and its wordings about invented subjects
 (``subject_negatives``) and about names the model knows (``known_subject_negatives``). They
-train that edit only and never join the bank."""
+train that edit; with ``subject_negatives_in_memory`` the subject-swap rows also join the
+bank with the edit's own inputs, so later edits stay silent on them too."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -15,6 +17,18 @@ from .encoding import Example
 from .ffn_site import FFNSite
 from .prefix_negatives import PrefixNegatives, build_prefix_negatives
 from .subject_negatives import known_names, name_vectors, nearest_first, subject_negatives
+
+
+@dataclass(frozen=True)
+class NegativeRows:
+    """One edit's negatives (float32 FFN inputs, (n, d) each): its wordings about other
+    subjects, and its target prefix after unrelated contexts."""
+
+    subject: torch.Tensor
+    prefix: torch.Tensor
+
+    def all(self) -> torch.Tensor:
+        return torch.cat([self.subject, self.prefix])
 
 
 class EditNegatives:
@@ -57,29 +71,28 @@ class EditNegatives:
         wordings: list[str],
         subject: str | None,
         seed: int,
-    ) -> torch.Tensor:
-        """(n, d) float32 FFN inputs this edit's neurons must stay silent on; ``encode``
-        tokenises a wording with the edit's target."""
+    ) -> NegativeRows:
+        """The FFN inputs this edit's neurons must stay silent on; ``encode`` tokenises a
+        wording with the edit's target."""
         known_count = self.config.known_subject_negatives
         known = self.known(subject) if known_count and subject else []
-        parts = [
-            subject_negatives(
-                self.site,
-                encode,
-                wordings,
-                subject,
-                count=self.config.subject_negatives,
-                seed=seed,
-                known=known,
-                known_count=known_count,
-                known_in_order=self.nearest,
-            )
-        ]
+        swapped = subject_negatives(
+            self.site,
+            encode,
+            wordings,
+            subject,
+            count=self.config.subject_negatives,
+            seed=seed,
+            known=known,
+            known_count=known_count,
+            known_in_order=self.nearest,
+        )
+        prefix = torch.zeros(0, self.site.hidden_size)
         causal = self.site.task == "causal-lm"
         if self.config.prefix_negatives and causal and len(example.positions) > 1:
             if self.prefix is None:
                 self.prefix = build_prefix_negatives(
                     self.site, self.tokenizer, self.config, self.memory_texts
                 )
-            parts.append(self.prefix.vectors(example))
-        return torch.cat(parts)
+            prefix = self.prefix.vectors(example)
+        return NegativeRows(swapped, prefix)

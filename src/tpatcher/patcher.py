@@ -23,7 +23,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from . import persistence
 from .answers import contains_answer
 from .config import PatcherConfig
-from .edit_negatives import EditNegatives
+from .edit_negatives import EditNegatives, NegativeRows
 from .editing import EditRecord, EditResult, Progress, is_right, make_edit
 from .encoding import Example, encode_edit, encode_prompt, render_chat, tokenize
 from .errors import InvalidEditError, TPatcherError
@@ -271,6 +271,7 @@ class Patcher(EditLedgerMixin, PatchSavingMixin, PatchSwitchMixin):
             example = self.encode(prompt, target)
             examples = [example, *(self.encode(p, target) for p in also)]
             with self._layer.private(self._staged_state()):
+                negatives = self._edit_negatives(example, [prompt, *also], target, subject)
                 if self.config.close_target_word:
                     examples = [close_word(self._site, self.tokenizer, e) for e in examples]
                 made = make_edit(
@@ -278,7 +279,7 @@ class Patcher(EditLedgerMixin, PatchSavingMixin, PatchSwitchMixin):
                     self._layer,
                     self.config,
                     examples,
-                    self._training_memory(example, [prompt, *also], target, subject),
+                    self._memory_with(negatives),
                     edit_id=edit_id or uuid.uuid4().hex[:12],
                     seed=self.config.seed + self._counter,
                     beta=self.beta,
@@ -299,7 +300,7 @@ class Patcher(EditLedgerMixin, PatchSavingMixin, PatchSwitchMixin):
                 label=int(example.targets[0]) if self.task == "seq-cls" else None,
                 created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 neurons=made.neurons.size,
-                memory=made.memory,
+                memory=self._kept_memory(made.memory, negatives),
                 steps=result.steps,
                 seconds=result.seconds,
                 also=tuple(also),
@@ -313,15 +314,25 @@ class Patcher(EditLedgerMixin, PatchSavingMixin, PatchSwitchMixin):
             result.published = publish
             return result
 
-    def _training_memory(
+    def _edit_negatives(
         self, example: Example, wordings: list[str], target: str | int | None, subject: str | None
-    ) -> torch.Tensor:
-        """The bank, plus this edit's own negatives (:mod:`tpatcher.edit_negatives`)."""
-        bank = self.memory.vectors()
+    ) -> NegativeRows:
+        """This edit's own negatives (:mod:`tpatcher.edit_negatives`)."""
         seed = self.config.seed + self._counter
         encode = functools.partial(self.encode, target=target)
-        extra = self._negatives.for_edit(example, encode, wordings, subject, seed)
+        return self._negatives.for_edit(example, encode, wordings, subject, seed)
+
+    def _memory_with(self, negatives: NegativeRows) -> torch.Tensor:
+        """The bank, plus this edit's own negatives."""
+        bank, extra = self.memory.vectors(), negatives.all()
         return torch.cat([bank, extra.to(bank.device, bank.dtype)]) if len(extra) else bank
+
+    def _kept_memory(self, own: torch.Tensor, negatives: NegativeRows) -> torch.Tensor:
+        """What the edit adds to the bank: its own inputs, and with
+        ``subject_negatives_in_memory`` its wordings about other subjects."""
+        if not self.config.subject_negatives_in_memory or not len(negatives.subject):
+            return own
+        return torch.cat([own, negatives.subject.to(own.device, own.dtype)])
 
     def _all_records(self) -> list[EditRecord]:
         """The published edits, then the pending ones."""
