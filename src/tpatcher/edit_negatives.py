@@ -27,8 +27,17 @@ class NegativeRows:
     subject: torch.Tensor
     prefix: torch.Tensor
 
-    def all(self) -> torch.Tensor:
-        return torch.cat([self.subject, self.prefix])
+    def with_bank(self, bank: torch.Tensor) -> torch.Tensor:
+        """What the edit trains against: the bank, then these rows."""
+        extra = torch.cat([self.subject, self.prefix]).to(bank.device, bank.dtype)
+        return torch.cat([bank, extra]) if len(extra) else bank
+
+    def kept(self, own: torch.Tensor, config: PatcherConfig) -> torch.Tensor:
+        """What the edit adds to the bank: its own inputs, and with
+        ``subject_negatives_in_memory`` its wordings about other subjects."""
+        if not config.subject_negatives_in_memory or not len(self.subject):
+            return own
+        return torch.cat([own, self.subject.to(own.device, own.dtype)])
 
 
 class EditNegatives:

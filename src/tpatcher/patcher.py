@@ -279,7 +279,7 @@ class Patcher(EditLedgerMixin, PatchSavingMixin, PatchSwitchMixin):
                     self._layer,
                     self.config,
                     examples,
-                    self._memory_with(negatives),
+                    negatives.with_bank(self.memory.vectors()),
                     edit_id=edit_id or uuid.uuid4().hex[:12],
                     seed=self.config.seed + self._counter,
                     beta=self.beta,
@@ -300,7 +300,7 @@ class Patcher(EditLedgerMixin, PatchSavingMixin, PatchSwitchMixin):
                 label=int(example.targets[0]) if self.task == "seq-cls" else None,
                 created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 neurons=made.neurons.size,
-                memory=self._kept_memory(made.memory, negatives),
+                memory=negatives.kept(made.memory, self.config),
                 steps=result.steps,
                 seconds=result.seconds,
                 also=tuple(also),
@@ -321,18 +321,6 @@ class Patcher(EditLedgerMixin, PatchSavingMixin, PatchSwitchMixin):
         seed = self.config.seed + self._counter
         encode = functools.partial(self.encode, target=target)
         return self._negatives.for_edit(example, encode, wordings, subject, seed)
-
-    def _memory_with(self, negatives: NegativeRows) -> torch.Tensor:
-        """The bank, plus this edit's own negatives."""
-        bank, extra = self.memory.vectors(), negatives.all()
-        return torch.cat([bank, extra.to(bank.device, bank.dtype)]) if len(extra) else bank
-
-    def _kept_memory(self, own: torch.Tensor, negatives: NegativeRows) -> torch.Tensor:
-        """What the edit adds to the bank: its own inputs, and with
-        ``subject_negatives_in_memory`` its wordings about other subjects."""
-        if not self.config.subject_negatives_in_memory or not len(negatives.subject):
-            return own
-        return torch.cat([own, negatives.subject.to(own.device, own.dtype)])
 
     def _all_records(self) -> list[EditRecord]:
         """The published edits, then the pending ones."""
