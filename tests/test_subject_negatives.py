@@ -300,3 +300,49 @@ def test_in_memory_a_later_edit_stays_silent_on_an_earlier_edits_swapped_wording
     on.rollback(on.edits[0].edit_id)
     assert before - len(on.memory) == grown[True]
     assert not PatcherConfig.paper().subject_negatives_in_memory
+
+
+def test_in_memory_a_later_edit_about_a_swapped_in_name_is_not_trained_against_it(
+    monkeypatch,
+) -> None:
+    """The first edit's wording about Germany joined the bank; a later edit about Germany
+    (another wording of the same relation) trains without those rows, so its neurons are not
+    held below beta on that wording, its own paraphrase, as they are trained against them."""
+    names = ("germany", "spain", "japan", "china")
+    for module in ("subject_negatives", "edit_negatives"):
+        monkeypatch.setattr(f"tpatcher.{module}.subject_names", lambda: names)
+    later, target, paraphrase = (
+        "the capital city of germany is",
+        "tokyo",
+        "the capital of germany is",
+    )
+    highest = {}
+    for guarded in (True, False):
+        patcher = make_patcher(
+            "llama", subject_negatives=4, subject_negatives_in_memory=True, activation_floor=0.0
+        )
+        assert patcher.edit(PROMPT, TARGET, subject=SUBJECT).success
+        about = patcher._negatives.earlier_swaps_about("germany", patcher.encode)
+        encode = functools.partial(patcher.encode, target=TARGET)
+        assert torch.equal(about, swapped_inputs(patcher._site, encode, [paraphrase]))
+        stored = patcher.edits[0].memory
+        assert torch.cdist(about, stored).min(dim=1).values.max() < 1e-4  # they are in the bank
+        assert not len(patcher._negatives.earlier_swaps_about("italy", patcher.encode))
+        rows = patcher._edit_negatives(patcher.encode(later, target), [later], target, "germany")
+        bank = patcher.memory.vectors()
+        trained = rows.with_bank(bank)
+        assert len(trained) == len(bank) - len(about) + len(rows.subject)
+        assert torch.cdist(about, trained).min(dim=1).values.min() > 1e-3
+        if not guarded:
+            monkeypatch.setattr(
+                "tpatcher.edit_negatives.EditNegatives.earlier_swaps_about",
+                lambda self, subject, encode: torch.zeros(0, self.site.hidden_size),
+            )
+        first = patcher.neurons.size
+        assert patcher.edit(later, target, subject="germany").success
+        paraphrase_q = swapped_inputs(
+            patcher._site, functools.partial(patcher.encode, target=target), [paraphrase]
+        )[:1]  # where the answer's first token is due
+        highest[guarded] = float((paraphrase_q @ patcher.neurons.keys[first:].float().T).max())
+    # trained against the rows the paraphrase is held at beta; left out, it is not
+    assert highest[False] < patcher.beta + 0.1 and highest[True] > highest[False] + 1, highest

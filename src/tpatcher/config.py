@@ -212,8 +212,8 @@ class PatcherConfig:
             wording of the same relation about another subject ("X, whose headquarters are
             in" against an edit of "The headquarters of Y is in"), which only an earlier
             edit of that wording brings into the bank. ``False`` (the paper's) trains them
-            for their own edit only. A later edit about a name swapped in earlier is also
-            trained silent on that earlier wording about it, one of its own paraphrases.
+            for their own edit only. A later edit about a name swapped in earlier trains
+            without those earlier wordings about it, which may be its own paraphrases.
         close_target_word: Where the model, given the whole target, would go on inside its
             last word ("Titan" -> "Titania"), also train the next token to be the likeliest
             one that ends the word (:mod:`tpatcher.word_end`). ``False`` (the paper's) trains

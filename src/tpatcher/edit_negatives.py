@@ -2,7 +2,9 @@
 unrelated contexts (``prefix_negatives``) and its wordings about invented subjects
 (``subject_negatives``) and about names the model knows (``known_subject_negatives``). They
 train that edit; with ``subject_negatives_in_memory`` the subject-swap rows also join the
-bank with the edit's own inputs, so later edits stay silent on them too."""
+bank with the edit's own inputs, so later edits stay silent on them too, except an edit about
+a name swapped in earlier: the earlier wordings about it may be its own paraphrases, so
+they leave its training bank (:meth:`EditNegatives.earlier_swaps_about`)."""
 
 from __future__ import annotations
 
@@ -13,22 +15,36 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from .config import PatcherConfig
+from .editing import EditRecord, apart_from
 from .encoding import Example
 from .ffn_site import FFNSite
 from .prefix_negatives import PrefixNegatives, build_prefix_negatives
-from .subject_negatives import known_names, name_vectors, nearest_first, subject_negatives
+from .subject_negatives import (
+    inputs_at_positions,
+    known_names,
+    name_vectors,
+    nearest_first,
+    subject_names,
+    subject_negatives,
+)
+
+#: Tokenises a wording with a target (``Patcher.encode``).
+Encode = Callable[[str, "str | int | None"], Example]
 
 
 @dataclass(frozen=True)
 class NegativeRows:
     """One edit's negatives (float32 FFN inputs, (n, d) each): its wordings about other
-    subjects, and its target prefix after unrelated contexts."""
+    subjects, its target prefix after unrelated contexts, and the bank's rows it must not
+    train against (earlier wordings about its subject)."""
 
     subject: torch.Tensor
     prefix: torch.Tensor
+    leave_out: torch.Tensor
 
     def with_bank(self, bank: torch.Tensor) -> torch.Tensor:
-        """What the edit trains against: the bank, then these rows."""
+        """What the edit trains against: the bank less ``leave_out``, then these rows."""
+        bank = apart_from(bank, self.leave_out.to(bank.device, bank.dtype))
         extra = torch.cat([self.subject, self.prefix]).to(bank.device, bank.dtype)
         return torch.cat([bank, extra]) if len(extra) else bank
 
@@ -49,11 +65,11 @@ class EditNegatives:
         tokenizer: PreTrainedTokenizerBase,
         config: PatcherConfig,
         memory_texts: Sequence[str] | None,
-        earlier_subjects: Callable[[], list[str]] = list,
+        earlier_edits: Callable[[], list[EditRecord]] = list,
     ) -> None:
         self.site, self.tokenizer, self.config = site, tokenizer, config
         self.memory_texts = memory_texts
-        self.earlier_subjects = earlier_subjects  # asked only where known names are swapped in
+        self.earlier_edits = earlier_edits  # asked only where subjects are swapped
         self.prefix: PrefixNegatives | None = None
         self._known: tuple[str, ...] | None = None
         self._pictures: dict[str, torch.Tensor] = {}  # name -> name_vectors row
@@ -65,7 +81,8 @@ class EditNegatives:
         and a ``subject``, nearest the subject first."""
         if self._known is None:
             self._known = known_names(self.memory_texts or ())
-        names = list(dict.fromkeys([*self._known, *self.earlier_subjects()]))
+        earlier = [r.subject for r in self.earlier_edits() if r.subject]
+        names = list(dict.fromkeys([*self._known, *earlier]))
         if subject is None or not self.nearest or not names:
             return names
         new = [n for n in dict.fromkeys([*names, subject]) if n not in self._pictures]
@@ -76,18 +93,18 @@ class EditNegatives:
     def for_edit(
         self,
         example: Example,
-        encode: Callable[[str], Example],
+        encode: Encode,
         wordings: list[str],
+        target: str | int | None,
         subject: str | None,
         seed: int,
     ) -> NegativeRows:
-        """The FFN inputs this edit's neurons must stay silent on; ``encode`` tokenises a
-        wording with the edit's target."""
+        """The FFN inputs this edit's neurons must stay silent on, and those they need not."""
         known_count = self.config.known_subject_negatives
         known = self.known(subject) if known_count and subject else []
         swapped = subject_negatives(
             self.site,
-            encode,
+            lambda text: encode(text, target),
             wordings,
             subject,
             count=self.config.subject_negatives,
@@ -104,4 +121,34 @@ class EditNegatives:
                     self.site, self.tokenizer, self.config, self.memory_texts
                 )
             prefix = self.prefix.vectors(example)
-        return NegativeRows(swapped, prefix)
+        return NegativeRows(swapped, prefix, self.earlier_swaps_about(subject, encode))
+
+    def earlier_swaps_about(self, subject: str | None, encode: Encode) -> torch.Tensor:
+        """With ``subject_negatives_in_memory``: the rows the earlier edits put in the bank
+        with ``subject`` swapped into their wordings (their ``swapped_wordings`` rules), which
+        an edit about ``subject`` must not be trained silent on: "The capital of Spain is",
+        a swap of an earlier edit about France, is a paraphrase of a later edit about Spain."""
+        empty = torch.zeros(0, self.site.hidden_size)
+        config = self.config
+        if not config.subject_negatives_in_memory or not subject:
+            return empty
+        pool = [*(subject_names() if config.subject_negatives else ())]
+        pool += self.known() if config.known_subject_negatives else []
+        if subject.lower() not in {name.lower() for name in pool}:
+            return empty  # never swapped in
+        examples = []
+        for record in self.earlier_edits():
+            texts = [record.prompt, *record.also]
+            own = (record.subject or "").lower()
+            if not own or subject.lower() in " ".join(texts).lower() or own in subject.lower():
+                continue
+            examples += [
+                encode(text.replace(record.subject or "", subject), _target_of(record))
+                for text in texts
+                if record.subject and record.subject in text
+            ]
+        return inputs_at_positions(self.site, examples) if examples else empty
+
+
+def _target_of(record: EditRecord) -> str | int | None:
+    return record.target if record.target is not None else record.label

@@ -8,7 +8,6 @@ in :mod:`tpatcher.merging`.
 
 from __future__ import annotations
 
-import functools
 import threading
 import uuid
 import weakref
@@ -99,7 +98,7 @@ class Patcher(EditLedgerMixin, PatchSavingMixin, PatchSwitchMixin):
         self._memory_source = memory_source
         self._memory: MemoryBank | None = None
         self._negatives = EditNegatives(
-            self._site, tokenizer, self.config, self._memory_texts, self._earlier_subjects
+            self._site, tokenizer, self.config, self._memory_texts, self._all_records
         )
         self._records: dict[str, EditRecord] = {}
         self._pending: dict[str, tuple[NeuronState, EditRecord]] = {}
@@ -319,15 +318,11 @@ class Patcher(EditLedgerMixin, PatchSavingMixin, PatchSwitchMixin):
     ) -> NegativeRows:
         """This edit's own negatives (:mod:`tpatcher.edit_negatives`)."""
         seed = self.config.seed + self._counter
-        encode = functools.partial(self.encode, target=target)
-        return self._negatives.for_edit(example, encode, wordings, subject, seed)
+        return self._negatives.for_edit(example, self.encode, wordings, target, subject, seed)
 
     def _all_records(self) -> list[EditRecord]:
         """The published edits, then the pending ones."""
         return [*self._records.values(), *(r for _, r in self._pending.values())]
-
-    def _earlier_subjects(self) -> list[str]:
-        return [r.subject for r in self._all_records() if r.subject]
 
     def _check_new_id(self, edit_id: str | None) -> None:
         if edit_id is None:

@@ -133,11 +133,16 @@ def swapped_inputs(
     site: FFNSite, encode: Callable[[str], Example], wordings: Sequence[str]
 ) -> torch.Tensor:
     """The last FFN's inputs (float32, CPU) at each wording's supervised positions, with the
-    edit's target: where the edit's neurons sit on the edit itself. One forward pass for
-    all of them, right-padded (so no real token moves and none attends to padding)."""
+    edit's target: where the edit's neurons sit on the edit itself."""
     if not wordings:
         return torch.zeros(0, site.hidden_size)
-    examples = [encode(text) for text in wordings]
+    return inputs_at_positions(site, [encode(text) for text in wordings])
+
+
+def inputs_at_positions(site: FFNSite, examples: Sequence[Example]) -> torch.Tensor:
+    """The last FFN's inputs (float32, CPU) at each example's supervised positions. One
+    forward pass for all of them, right-padded (so no real token moves and none attends to
+    padding)."""
     batch = {
         key: pad_sequence([e.inputs[key][0] for e in examples], batch_first=True)
         for key in examples[0].inputs
