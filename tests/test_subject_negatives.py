@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from tiny import ARCHITECTURES, make_model
 
 from tpatcher import PatcherConfig, load_model
 from tpatcher.errors import InvalidEditError
+from tpatcher.evaluation.data import load_task
 from tpatcher.patcher import Patcher
 from tpatcher.subject_negatives import (
     NAME_CONTEXT,
@@ -346,3 +349,20 @@ def test_in_memory_a_later_edit_about_a_swapped_in_name_is_not_trained_against_i
         highest[guarded] = float((paraphrase_q @ patcher.neurons.keys[first:].float().T).max())
     # trained against the rows the paraphrase is held at beta; left out, it is not
     assert highest[False] < patcher.beta + 0.1 and highest[True] > highest[False] + 1, highest
+
+
+def test_swap_pool_lists_the_subjects_known_when_their_item_is_reached(data_dir: Path) -> None:
+    """``benchmarks/swap_pool.py``: the stream subjects that are memory names or earlier
+    subjects when reached, the most the rule above can touch in a run."""
+    root = Path(__file__).resolve().parents[1]
+    script = [sys.executable, str(root / "benchmarks" / "swap_pool.py"), "--data", str(data_dir)]
+    args = ["--task", "counterfact", "--edits", "40", "--heldout", "4", "--memory-records", "30"]
+    done = subprocess.run([*script, *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout)
+    loaded = load_task("counterfact", data_dir, 40, heldout=4, memory_records=30)
+    pool = {n.lower() for n in known_names(loaded.memory_texts)}
+    subjects = [(item.subject or "").lower() for item in loaded.stream]
+    assert result["items"] == 40 and result["in_pool"] == len(result["subjects"])
+    expected = [s for i, s in enumerate(subjects) if s and (s in pool or s in subjects[:i])]
+    assert [name.lower() for name in result["subjects"]] == expected
