@@ -429,3 +429,10 @@ def test_kill_9_during_edit_loses_nothing_acknowledged(tmp_path: Path) -> None:
     proc = run_refused(bad_config)
     assert "config" in proc.stderr and "max_stepz" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+    # settings other than the store's own are refused before the model loads; nothing changes
+    before = (store / persistence.MANIFEST).read_bytes()
+    proc = run_refused(store, "--patcher", '{"subject_negatives": 24}')
+    assert "subject_negatives=0" in proc.stderr and "Traceback" not in proc.stderr
+    assert "not valid JSON" in run_refused(store, "--patcher", "{oops").stderr
+    assert (store / persistence.MANIFEST).read_bytes() == before

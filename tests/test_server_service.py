@@ -506,3 +506,31 @@ def test_help_works_without_fastapi() -> None:
     assert proc.returncode == 0, proc.stderr
     assert "serve" in proc.stdout
     assert "--threads" in proc.stdout and "--edit-timeout" in proc.stdout
+
+
+def test_a_new_store_takes_the_settings_it_is_given_and_an_old_one_keeps_its_own(
+    tmp_path: Path,
+) -> None:
+    """``tpatcher serve --patcher``: a new store is made with the settings, and its edits
+    train with them after a restart; an existing store refuses settings it was not made
+    with, naming the field, and is left as it was."""
+    store = EditStore(tmp_path / "store")
+    config = store.settings(store.check(), {"subject_negatives": 2, "max_steps": 300})
+    assert config == PatcherConfig(subject_negatives=2, max_steps=300)
+    patcher = Patcher(
+        make_model("llama"), make_tokenizer("llama"), config, memory_texts=MEMORY_TEXTS
+    )
+    store.open(patcher, None)
+    again = EditStore(tmp_path / "store")
+    manifest = again.check()
+    kept = again.settings(manifest, {})  # "auto" is read back as what it gave
+    assert kept == PatcherConfig(subject_negatives=2, max_steps=300, neuron_activation="relu")
+    assert again.settings(manifest, {"subject_negatives": 2}) == kept
+    before = (tmp_path / "store" / persistence.MANIFEST).read_bytes()
+    with pytest.raises(PatchDirectoryError, match="max_steps=300, not 2000"):
+        again.settings(manifest, {"max_steps": 2000})
+    with pytest.raises(PatchDirectoryError, match="max_stepz"):
+        again.settings(manifest, {"max_stepz": 3})
+    with pytest.raises(PatchDirectoryError, match="subject_negatives must be >= 0"):
+        EditStore(tmp_path / "new").settings(None, {"subject_negatives": -1})
+    assert (tmp_path / "store" / persistence.MANIFEST).read_bytes() == before

@@ -9,6 +9,7 @@ reproduced from the JSON manifest that :meth:`tpatcher.Patcher.save` writes.
 from __future__ import annotations
 
 import difflib
+import json
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
@@ -50,6 +51,24 @@ def neuron_activation_from_word(word: str) -> str | None:
     """``neuron_activation`` from a command-line word, where ``"ffn"`` stands for ``None``
     (the FFN's own activation: the paper's form)."""
     return None if word == "ffn" else word
+
+
+def json_object(text: str, option: str) -> dict[str, Any]:
+    """A JSON object given as a command-line ``option``; a ``ValueError`` that names the
+    option when the text is not one."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{option} is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise ValueError(f"{option} must be a JSON object, e.g. '{{\"max_steps\": 500}}'")
+    return value
+
+
+def patcher_overrides(text: str, option: str = "--patcher") -> dict[str, Any]:
+    """``PatcherConfig`` fields from the command line: a JSON object, or ``paper`` for the
+    paper's form (:data:`PAPER_FORM`)."""
+    return dict(PAPER_FORM) if text.strip() == "paper" else json_object(text, option)
 
 
 #: The fields where tpatcher's defaults depart from the paper, at the paper's values.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -12,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ..config import PAPER_FORM
+from ..config import json_object, patcher_overrides
 from .protocol import METHODS, BenchSettings, run_benchmark
 from .report import results_table
 
@@ -26,19 +25,17 @@ EDIT_FORMAT_HELP = (
 def _json_option(text: str, name: str) -> dict[str, Any]:
     """A JSON object given on the command line, refused clearly when it is not one."""
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise typer.BadParameter(f"{name} is not valid JSON: {exc}") from exc
-    if not isinstance(value, dict):
-        raise typer.BadParameter(f"{name} must be a JSON object, e.g. '{{\"max_steps\": 500}}'")
-    return value
+        return json_object(text, name)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
 
 
 def _patcher_option(text: str) -> dict[str, Any]:
     """``--patcher``: JSON ``PatcherConfig`` overrides, or ``paper`` for the paper's form."""
-    if text.strip() == "paper":
-        return dict(PAPER_FORM)
-    return _json_option(text, "--patcher")
+    try:
+        return patcher_overrides(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
 
 
 #: The options of ``tpatcher bench`` whose help does not fit beside their name.

@@ -13,10 +13,11 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from tpatcher.config import patcher_overrides
 from tpatcher.errors import TPatcherError
 
 from .limits import MAX_TOKENS_LIMIT, Limits
@@ -138,6 +139,14 @@ def serve(
     edit_timeout: EditTimeout = 300.0,
     max_edit_tokens: MaxEditTokens = 256,
     max_body_bytes: MaxBodyBytes = 1 << 20,
+    patcher: Annotated[
+        str,
+        typer.Option(
+            help="JSON PatcherConfig settings for a new store, e.g. "
+            "'{\"subject_negatives\": 24}', or 'paper'; an existing store keeps its own "
+            "and refuses different ones."
+        ),
+    ] = "{}",
     log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
 ) -> None:
     """Serve the model with OpenAI-compatible endpoints and durable, authenticated edits."""
@@ -148,6 +157,10 @@ def serve(
     if not is_loopback(host) and not api_token:
         logger.warning("serving on %s without --api-token: anyone can run inference", host)
     texts = read_memory_file(memory_file) if memory_file is not None else None
+    try:
+        overrides = patcher_overrides(patcher)
+    except ValueError as exc:
+        raise _fail(str(exc)) from exc
 
     import torch
     import uvicorn  # the serve extra; imported late so --help stays fast
@@ -157,8 +170,8 @@ def serve(
 
     torch.set_num_threads(threads or default_threads())
     edit_store = EditStore(store)
-    patcher = _load(edit_store, model, texts, memory_file)
-    patcher.generate("Hello", max_new_tokens=1)  # warm-up
+    served = _load(edit_store, model, texts, memory_file, overrides)
+    served.generate("Hello", max_new_tokens=1)  # warm-up
     limits = Limits(
         max_tokens=max_tokens,
         max_edit_tokens=max_edit_tokens,
@@ -166,7 +179,7 @@ def serve(
         max_body_bytes=max_body_bytes,
     )
     app = create_app(
-        patcher,
+        served,
         edit_store,
         edit_token=edit_token,
         api_token=api_token,
@@ -179,19 +192,24 @@ def serve(
 
 
 def _load(
-    edit_store: EditStore, model: str, texts: list[str] | None, memory_file: Path | None
+    edit_store: EditStore,
+    model: str,
+    texts: list[str] | None,
+    memory_file: Path | None,
+    overrides: dict[str, Any],
 ) -> Patcher:
     """Check the store (before the slow model load), load the model and the store's edits."""
     from tpatcher import Patcher, load_model
 
     try:
         manifest = edit_store.check()
+        config = edit_store.settings(manifest, overrides)
         logger.info("loading model %s", model)
         hf_model, tokenizer = load_model(model)
         patcher = Patcher(
             hf_model,
             tokenizer,
-            edit_store.config_from(manifest),
+            config,
             memory_texts=texts,
             memory_source=f"{memory_file}" if memory_file else None,
             base_model_name=model,

@@ -129,6 +129,28 @@ class EditStore:
         """The Patcher settings a store was made with (so new edits train the same way)."""
         return PatcherConfig() if manifest is None else PatcherConfig.from_manifest(manifest)
 
+    def settings(self, manifest: dict[str, Any] | None, overrides: dict[str, Any]) -> PatcherConfig:
+        """What new edits train with: a new store's settings are the defaults with
+        ``overrides`` (``tpatcher serve --patcher``); an existing store keeps those it was
+        made with, and an override that differs from them is refused, as its saved edits
+        were trained with the store's."""
+        try:
+            wanted = PatcherConfig.from_dict(overrides)  # an unknown or bad field is refused
+        except (TypeError, ValueError) as exc:
+            raise PatchDirectoryError(f"invalid --patcher settings: {exc}") from exc
+        if manifest is None:
+            return wanted
+        config = self.config_from(manifest)
+        stored = config.to_dict()
+        for name, value in overrides.items():
+            if stored[name] != value:
+                raise PatchDirectoryError(
+                    f"store {self.directory} was made with {name}={stored[name]!r}, not "
+                    f"{value!r}; its saved edits were trained with its own settings (serve "
+                    "it without that --patcher setting, or start a new store)"
+                )
+        return config
+
     def open(self, patcher: Patcher, manifest: dict[str, Any] | None) -> None:
         """Load the store's edits into ``patcher`` (which refuses another model's store), or
         create an empty store stamped with this model's fingerprint."""
