@@ -298,6 +298,8 @@ def test_in_memory_a_later_edit_stays_silent_on_an_earlier_edits_swapped_wording
     on.save(tmp_path / "p")
     loaded = Patcher.load(make_model("llama"), on.tokenizer, tmp_path / "p")
     assert loaded.config.subject_negatives_in_memory
+    assert sorted(on.edits[0].swapped) == sorted(names)  # the names behind the kept rows
+    assert loaded.edits[0].swapped == on.edits[0].swapped and not patchers[False].edits[0].swapped
     assert all(torch.equal(a.memory, b.memory) for a, b in zip(loaded.edits, on.edits, strict=True))
     before = len(on.memory)
     on.rollback(on.edits[0].edit_id)
@@ -312,8 +314,7 @@ def test_in_memory_a_later_edit_about_a_swapped_in_name_is_not_trained_against_i
     (another wording of the same relation) trains without those rows, so its neurons are not
     held below beta on that wording, its own paraphrase, as they are trained against them."""
     names = ("germany", "spain", "japan", "china")
-    for module in ("subject_negatives", "edit_negatives"):
-        monkeypatch.setattr(f"tpatcher.{module}.subject_names", lambda: names)
+    monkeypatch.setattr("tpatcher.subject_negatives.subject_names", lambda: names)
     later, target, paraphrase = (
         "the capital city of germany is",
         "tokyo",

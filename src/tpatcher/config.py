@@ -225,14 +225,10 @@ class PatcherConfig:
             ``"nearest"``, those whose picture in the model (the last FFN's input at the
             name) is nearest the subject's, so a city's edit is trained against other cities,
             the neighbours its key is likeliest to fire on (causal LMs; others draw).
-        subject_negatives_in_memory: Keep an edit's subject-swap negatives in the memory
-            bank with its own inputs (and in its saved patch), so every later edit is also
-            trained silent on them: a key of one fact is otherwise free to fire on another
-            wording of the same relation about another subject ("X, whose headquarters are
-            in" against an edit of "The headquarters of Y is in"), which only an earlier
-            edit of that wording brings into the bank. ``False`` (the paper's) trains them
-            for their own edit only. A later edit about a name swapped in earlier trains
-            without those earlier wordings about it, which may be its own paraphrases.
+        subject_negatives_in_memory: Keep an edit's subject-swap negatives in the bank
+            (and its saved patch), so later edits, in whatever wording, are trained silent
+            on them too; an edit about a name swapped in earlier trains without those
+            wordings, maybe its paraphrases. ``False`` (the paper's): their own edit only.
         close_target_word: Where the model, given the whole target, would go on inside its
             last word ("Titan" -> "Titania"), also train the next token to be the likeliest
             one that ends the word (:mod:`tpatcher.word_end`). ``False`` (the paper's) trains

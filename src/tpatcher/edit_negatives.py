@@ -20,11 +20,11 @@ from .encoding import Example
 from .ffn_site import FFNSite
 from .prefix_negatives import PrefixNegatives, build_prefix_negatives
 from .subject_negatives import (
+    about,
     inputs_at_positions,
     known_names,
     name_vectors,
     nearest_first,
-    subject_names,
     subject_negatives,
 )
 
@@ -35,12 +35,15 @@ Encode = Callable[[str, "str | int | None"], Example]
 @dataclass(frozen=True)
 class NegativeRows:
     """One edit's negatives (float32 FFN inputs, (n, d) each): its wordings about other
-    subjects, its target prefix after unrelated contexts, and the bank's rows it must not
-    train against (earlier wordings about its subject)."""
+    subjects (the ``names`` swapped in), its target prefix after unrelated contexts, and the
+    bank's rows it must not train against (earlier wordings about its subject). ``shared``:
+    the swapped wordings join the bank with the edit (``subject_negatives_in_memory``)."""
 
     subject: torch.Tensor
+    names: tuple[str, ...]
     prefix: torch.Tensor
     leave_out: torch.Tensor
+    shared: bool
 
     def with_bank(self, bank: torch.Tensor) -> torch.Tensor:
         """What the edit trains against: the bank less ``leave_out``, then these rows."""
@@ -48,12 +51,12 @@ class NegativeRows:
         extra = torch.cat([self.subject, self.prefix]).to(bank.device, bank.dtype)
         return torch.cat([bank, extra]) if len(extra) else bank
 
-    def kept(self, own: torch.Tensor, config: PatcherConfig) -> torch.Tensor:
-        """What the edit adds to the bank: its own inputs, and with
-        ``subject_negatives_in_memory`` its wordings about other subjects."""
-        if not config.subject_negatives_in_memory or not len(self.subject):
-            return own
-        return torch.cat([own, self.subject.to(own.device, own.dtype)])
+    def kept(self, own: torch.Tensor) -> tuple[torch.Tensor, tuple[str, ...]]:
+        """What the edit adds to the bank (its own inputs, and the swapped wordings where
+        they are shared) and the names swapped into what it adds."""
+        if not self.shared or not len(self.subject):
+            return own, ()
+        return torch.cat([own, self.subject.to(own.device, own.dtype)]), self.names
 
 
 class EditNegatives:
@@ -102,7 +105,7 @@ class EditNegatives:
         """The FFN inputs this edit's neurons must stay silent on, and those they need not."""
         known_count = self.config.known_subject_negatives
         known = self.known(subject) if known_count and subject else []
-        swapped = subject_negatives(
+        swapped, names = subject_negatives(
             self.site,
             lambda text: encode(text, target),
             wordings,
@@ -121,32 +124,25 @@ class EditNegatives:
                     self.site, self.tokenizer, self.config, self.memory_texts
                 )
             prefix = self.prefix.vectors(example)
-        return NegativeRows(swapped, prefix, self.earlier_swaps_about(subject, encode))
+        leave_out = self.earlier_swaps_about(subject, encode)
+        shared = self.config.subject_negatives_in_memory
+        return NegativeRows(swapped, tuple(names), prefix, leave_out, shared)
 
     def earlier_swaps_about(self, subject: str | None, encode: Encode) -> torch.Tensor:
-        """With ``subject_negatives_in_memory``: the rows the earlier edits put in the bank
-        with ``subject`` swapped into their wordings (their ``swapped_wordings`` rules), which
-        an edit about ``subject`` must not be trained silent on: "The capital of Spain is",
-        a swap of an earlier edit about France, is a paraphrase of a later edit about Spain."""
+        """The rows earlier edits put in the bank with ``subject`` swapped into their
+        wordings (``subject_negatives_in_memory``), which an edit about ``subject`` must not
+        be trained silent on: "The capital of Spain is", a swap of an earlier edit about
+        France, is a paraphrase of a later edit about Spain. Recomputed (one padded pass)
+        only for the earlier edits that swapped this very name in."""
+        if not subject:
+            return torch.zeros(0, self.site.hidden_size)
+        examples = [
+            encode(text, _target_of(record))
+            for record in self.earlier_edits()
+            if record.subject and subject.lower() in {n.lower() for n in record.swapped}
+            for text in about([record.prompt, *record.also], record.subject, [subject])
+        ]
         empty = torch.zeros(0, self.site.hidden_size)
-        config = self.config
-        if not config.subject_negatives_in_memory or not subject:
-            return empty
-        pool = [*(subject_names() if config.subject_negatives else ())]
-        pool += self.known() if config.known_subject_negatives else []
-        if subject.lower() not in {name.lower() for name in pool}:
-            return empty  # never swapped in
-        examples = []
-        for record in self.earlier_edits():
-            texts = [record.prompt, *record.also]
-            own = (record.subject or "").lower()
-            if not own or subject.lower() in " ".join(texts).lower() or own in subject.lower():
-                continue
-            examples += [
-                encode(text.replace(record.subject or "", subject), _target_of(record))
-                for text in texts
-                if record.subject and record.subject in text
-            ]
         return inputs_at_positions(self.site, examples) if examples else empty
 
 

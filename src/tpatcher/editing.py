@@ -63,10 +63,12 @@ class EditRecord:
     seconds: float = 0.0
     also: tuple[str, ...] = ()  # other wordings of the prompt trained with it
     subject: str | None = None  # what the edit is about, as the prompt names it
+    swapped: tuple[str, ...] = ()  # names swapped for it in the wordings kept in ``memory``
 
     def to_manifest(self) -> dict[str, Any]:
         extra = {"also": list(self.also)} if self.also else {}
         extra |= {"subject": self.subject} if self.subject is not None else {}
+        extra |= {"swapped": list(self.swapped)} if self.swapped else {}
         return extra | {
             "id": self.edit_id,
             "prompt": self.prompt,

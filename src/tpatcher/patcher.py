@@ -253,12 +253,10 @@ class Patcher(EditLedgerMixin, PatchSavingMixin, PatchSwitchMixin):
         leaves no neurons behind. With ``publish=False`` a fixed edit stays pending: no
         forward pass sees it (except the later edits of this Patcher, which train on top of
         it) until :meth:`publish`; :meth:`discard` drops it. The service writes it durably in
-        between. ``also`` gives other wordings of the
-        prompt (a chat turn, the bare question) that must give the same target: they are
-        trained jointly, so the fix reaches the forms users ask in. ``subject`` names what
-        the edit is about, as written in the prompt; with ``subject_negatives`` the same
-        wordings about invented subjects are trained as negatives, so the fix leaves the
-        same question about other subjects alone.
+        between. ``also`` gives other wordings of the prompt (a chat turn, the bare question)
+        that must give the same target, trained jointly. ``subject`` names what the edit is
+        about, as the prompt writes it; with ``subject_negatives`` the same wordings about
+        other subjects are trained as negatives, so the fix leaves those questions alone.
         """
         if self.task == "seq-cls":
             target = label if label is not None else target
@@ -292,6 +290,7 @@ class Patcher(EditLedgerMixin, PatchSavingMixin, PatchSwitchMixin):
             self._counter += 1
             if made.neurons is None or made.memory is None or result.edit_id is None:
                 return result
+            kept, swapped = negatives.kept(made.memory)
             record = EditRecord(
                 edit_id=result.edit_id,
                 prompt=prompt,
@@ -299,11 +298,12 @@ class Patcher(EditLedgerMixin, PatchSavingMixin, PatchSwitchMixin):
                 label=int(example.targets[0]) if self.task == "seq-cls" else None,
                 created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 neurons=made.neurons.size,
-                memory=negatives.kept(made.memory, self.config),
+                memory=kept,
                 steps=result.steps,
                 seconds=result.seconds,
                 also=tuple(also),
                 subject=subject,
+                swapped=swapped,
             )
             self._pending[result.edit_id] = (made.neurons, record)
             if self.config.add_edits_to_memory:

@@ -182,4 +182,5 @@ def _record_from(entry: dict[str, Any], tensors: dict[str, torch.Tensor], d: int
         seconds=float(entry.get("seconds", 0.0)),
         also=tuple(str(p) for p in entry.get("also") or ()),
         subject=entry.get("subject"),
+        swapped=tuple(str(n) for n in entry.get("swapped") or ()),
     )

@@ -106,6 +106,26 @@ def nearest_first(subject: torch.Tensor, names: Sequence[str], vectors: torch.Te
     return [names[i] for i in cosine.argsort(descending=True, stable=True).tolist()]
 
 
+def picked_names(
+    texts: Sequence[str],
+    subject: str,
+    count: int,
+    seed: int,
+    names: Sequence[str] | None = None,
+    *,
+    in_order: bool = False,
+) -> list[str]:
+    """``count`` of ``names`` (the bundled invented names by default) to swap for ``subject``
+    in ``texts``: none that the texts already contain and none that contains the subject; a
+    seeded draw, or with ``in_order`` the first ``count`` of them."""
+    seen, own = " ".join(texts).lower(), subject.lower()
+    pool = subject_names() if names is None else names
+    names = [n for n in pool if n.lower() not in seen and own not in n.lower()]
+    if in_order:
+        return names[:count]
+    return random.Random(seed).sample(names, min(count, len(names)))
+
+
 def swapped_wordings(
     texts: Sequence[str],
     subject: str,
@@ -115,18 +135,15 @@ def swapped_wordings(
     *,
     in_order: bool = False,
 ) -> list[str]:
-    """Each text naming ``subject``, with it replaced by ``count`` of ``names`` (the bundled
-    invented names by default; the same names for every text; none that the texts already
-    contain and none that contains the subject): a seeded draw, or with ``in_order`` the
-    first ``count`` of them."""
-    seen, own = " ".join(texts).lower(), subject.lower()
-    pool = subject_names() if names is None else names
-    names = [n for n in pool if n.lower() not in seen and own not in n.lower()]
-    if in_order:
-        picked = names[:count]
-    else:
-        picked = random.Random(seed).sample(names, min(count, len(names)))
-    return [text.replace(subject, name) for name in picked for text in texts if subject in text]
+    """Each text naming ``subject``, with it replaced by each of :func:`picked_names` (the
+    same names for every text)."""
+    picked = picked_names(texts, subject, count, seed, names, in_order=in_order)
+    return about(texts, subject, picked)
+
+
+def about(texts: Sequence[str], subject: str, names: Sequence[str]) -> list[str]:
+    """Each text naming ``subject`` with it replaced by each of ``names``, name by name."""
+    return [text.replace(subject, name) for name in names for text in texts if subject in text]
 
 
 def swapped_inputs(
@@ -164,15 +181,15 @@ def subject_negatives(
     known: Sequence[str] = (),
     known_count: int = 0,
     known_in_order: bool = False,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, list[str]]:
     """An edit's negatives: the FFN inputs of its ``wordings`` about ``count`` invented
     subjects and ``known_count`` of the ``known`` names (drawn, or with ``known_in_order``
-    the first of them; none without a subject)."""
+    the first of them; none without a subject), and the names swapped in."""
     if subject is None or not count + known_count:
-        return torch.zeros(0, site.hidden_size)
-    swapped = swapped_wordings(wordings, subject, count, seed)
+        return torch.zeros(0, site.hidden_size), []
+    picked = picked_names(wordings, subject, count, seed)
     if known_count:
-        swapped += swapped_wordings(
+        picked += picked_names(
             wordings, subject, known_count, seed, names=known, in_order=known_in_order
         )
-    return swapped_inputs(site, encode, swapped)
+    return swapped_inputs(site, encode, about(wordings, subject, picked)), picked

@@ -99,6 +99,15 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(code=2)
 
 
+PatcherSettings = Annotated[
+    str,
+    typer.Option(
+        help="JSON PatcherConfig settings for a new store, e.g. '{\"subject_negatives\": 24}', "
+        "or 'paper'; an existing store keeps its own and refuses different ones."
+    ),
+]
+
+
 def serve(
     store: Annotated[
         Path, typer.Option(help="Edit store (a patch directory); created if missing.")
@@ -139,14 +148,7 @@ def serve(
     edit_timeout: EditTimeout = 300.0,
     max_edit_tokens: MaxEditTokens = 256,
     max_body_bytes: MaxBodyBytes = 1 << 20,
-    patcher: Annotated[
-        str,
-        typer.Option(
-            help="JSON PatcherConfig settings for a new store, e.g. "
-            "'{\"subject_negatives\": 24}', or 'paper'; an existing store keeps its own "
-            "and refuses different ones."
-        ),
-    ] = "{}",
+    patcher: PatcherSettings = "{}",
     log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
 ) -> None:
     """Serve the model with OpenAI-compatible endpoints and durable, authenticated edits."""
@@ -157,10 +159,7 @@ def serve(
     if not is_loopback(host) and not api_token:
         logger.warning("serving on %s without --api-token: anyone can run inference", host)
     texts = read_memory_file(memory_file) if memory_file is not None else None
-    try:
-        overrides = patcher_overrides(patcher)
-    except ValueError as exc:
-        raise _fail(str(exc)) from exc
+    overrides = _overrides(patcher)
 
     import torch
     import uvicorn  # the serve extra; imported late so --help stays fast
@@ -189,6 +188,14 @@ def serve(
     )
     app.state.service.generator.max_batch = max_batch  # read when the service starts
     uvicorn.run(app, host=host, port=port, log_level=log_level.lower())
+
+
+def _overrides(text: str) -> dict[str, Any]:
+    """``--patcher``'s settings, or a clear start-up error."""
+    try:
+        return patcher_overrides(text)
+    except ValueError as exc:
+        raise _fail(str(exc)) from exc
 
 
 def _load(
