@@ -57,3 +57,32 @@ def test_cli_errors_are_clear_and_change_nothing(tmp_path) -> None:
     assert not (tmp_path / "new").exists()
     result = runner.invoke(app, ["generate", "hello", "--model", "no-such-model"])
     assert result.exit_code == 2 and "smollm2-135m" in result.output
+
+
+def test_chat_edit_with_settings_and_a_saved_patch_keeps_its_own(tmp_path) -> None:
+    """``edit --chat --patcher``: the question is edited as a chat turn with the settings
+    given, ``generate --chat`` answers it, and the saved patch refuses other settings,
+    naming the field, before the model loads, leaving the patch as it was."""
+    patch = tmp_path / "patch"
+    question = "What is the capital of Nigeria?"
+    args = ["edit", str(patch), "--prompt", question, "--target", "Lagos", "--chat"]
+    result = runner.invoke(app, [*args, "--patcher", '{"max_steps": 300}'])
+    assert result.exit_code == 0 and "added" in result.output, result.output
+    manifest = json.loads((patch / "manifest.json").read_text())
+    assert manifest["config"]["max_steps"] == 300
+    edited = manifest["edits"][0]["prompt"]
+    assert edited.startswith("<|im_start|>") and question in edited and edited != question
+    args_generate = ["generate", question, "--chat", "--patch-dir", str(patch)]
+    result = runner.invoke(app, [*args_generate, "--max-new-tokens", "4"])
+    assert result.exit_code == 0 and "Lagos" in result.output, result.output
+    before = (patch / "manifest.json").read_bytes()
+    other = ["edit", str(patch), "--prompt", "Who wrote Hamlet?", "--target", "Marlowe"]
+    result = runner.invoke(app, [*other, "--patcher", '{"max_steps": 200}'])
+    assert result.exit_code == 2 and "max_steps=300, not 200" in result.output, result.output
+    result = runner.invoke(app, [*other, "--patcher", '{"max_stepz": 1}'])
+    assert result.exit_code == 2 and "max_stepz" in result.output, result.output
+    result = runner.invoke(app, [*other, "--patcher", "{not json"])
+    assert result.exit_code == 2 and "--patcher is not valid JSON" in result.output
+    result = runner.invoke(app, [*other, "--neuron-activation", "gelu"])
+    assert result.exit_code == 2 and "neuron_activation='relu', not 'gelu'" in result.output
+    assert (patch / "manifest.json").read_bytes() == before

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from .config import PatcherConfig, neuron_activation_from_word
+from .config import PatcherConfig, neuron_activation_from_word, patcher_overrides, settings_for
 from .errors import TPatcherError
 
 app = typer.Typer(
@@ -42,26 +42,59 @@ NeuronActivationOption = Annotated[
 ]
 
 
+PatcherOption = Annotated[
+    str,
+    typer.Option(
+        "--patcher",
+        help="JSON PatcherConfig settings for a new patch directory, e.g. "
+        "'{\"subject_negatives\": 24}', or 'paper'; a saved one keeps its own and refuses "
+        "different ones",
+    ),
+]
+ChatOption = Annotated[
+    bool,
+    typer.Option(help="Put the prompt as one user turn of the model's chat template"),
+]
+
+
+def _settings(
+    patch_dir: Path | None, patcher: str, neuron_activation: str
+) -> tuple[dict | None, PatcherConfig]:
+    """The saved manifest (None for a new directory) and the settings new edits train with,
+    checked before the slow model load (:func:`tpatcher.config.settings_for`)."""
+    from . import persistence
+
+    overrides = patcher_overrides(patcher)
+    if neuron_activation != "auto":
+        overrides["neuron_activation"] = neuron_activation_from_word(neuron_activation)
+    manifest = None
+    if patch_dir is not None and (patch_dir / persistence.MANIFEST).exists():
+        manifest = persistence.read_manifest(patch_dir)
+    hint = "edit it without those settings, or start a new patch directory"
+    return manifest, settings_for(manifest, overrides, f"patch directory {patch_dir}", hint)
+
+
 def _load(
     model_name: str,
     patch_dir: Path | None,
     memory_file: Path | None = None,
     neuron_activation: str = "auto",
+    patcher: str = "{}",
 ):
     from .models import load_model
     from .patcher import Patcher
 
-    with console.status(f"loading {model_name}"):
-        model, tokenizer = load_model(model_name)
+    try:
+        manifest, config = _settings(patch_dir, patcher, neuron_activation)
+    except (TypeError, ValueError) as error:  # a bad setting, or not the saved patch's
+        raise TPatcherError(str(error)) from error
     memory = None
     if memory_file is not None:
         memory = [line for line in memory_file.read_text("utf-8").splitlines() if line.strip()]
-    if patch_dir is not None and (patch_dir / "manifest.json").exists():
-        return Patcher.load(model, tokenizer, patch_dir, memory_texts=memory)
-    try:
-        config = PatcherConfig(neuron_activation=neuron_activation_from_word(neuron_activation))
-    except ValueError as error:  # an unknown activation name
-        raise TPatcherError(str(error)) from error
+    with console.status(f"loading {model_name}"):
+        model, tokenizer = load_model(model_name)
+    if manifest is not None:
+        return Patcher.load(model, tokenizer, patch_dir, config=config, memory_texts=memory)
     return Patcher(model, tokenizer, config, memory_texts=memory)
 
 
@@ -82,16 +115,21 @@ def edit(
     guess_subject: Annotated[
         bool, typer.Option(help="Without --subject: take the longest name the prompt holds")
     ] = False,
+    patcher_settings: PatcherOption = "{}",
+    chat: ChatOption = False,
 ) -> None:
-    """Add one edit to a patch directory (created if missing)."""
+    """Add one edit to a patch directory (created if missing); with --chat, the prompt is
+    a question edited as the model's chat users (and ``tpatcher serve``) ask it."""
     if guess_subject and subject is None:
         from .subject_guess import guess_subject as guess
 
         subject = guess(prompt)
         console.print(f"subject: {subject!r}" if subject else "no subject found in the prompt")
     try:
-        patcher = _load(model, patch_dir, memory_file, neuron_activation)
+        patcher = _load(model, patch_dir, memory_file, neuron_activation, patcher_settings)
         label = int(target) if patcher.task == "seq-cls" and target.isdigit() else None
+        if chat:
+            prompt = patcher.chat_prompt(prompt)
         with console.status("training the patch"):
             if label is not None:
                 result = patcher.edit(prompt, label=label, subject=subject)
@@ -119,6 +157,7 @@ def generate(
     patch_dir: Annotated[Path | None, typer.Option(help="Patch directory to apply")] = None,
     model: ModelOption = "smollm2-135m",
     max_new_tokens: Annotated[int, typer.Option(min=1, max=2048)] = 32,
+    chat: ChatOption = False,
 ) -> None:
     """Answer a prompt with a patch directory loaded (greedy decoding)."""
     try:
@@ -126,7 +165,8 @@ def generate(
         if patcher.task == "seq-cls":
             console.print(str(patcher.classify(prompt)))
         else:
-            console.print(patcher.generate(prompt, max_new_tokens), markup=False)
+            text = patcher.chat_prompt(prompt) if chat else prompt
+            console.print(patcher.generate(text, max_new_tokens), markup=False)
     except (TPatcherError, OSError) as error:
         raise _fail(error) from error
 

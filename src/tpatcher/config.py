@@ -71,6 +71,31 @@ def patcher_overrides(text: str, option: str = "--patcher") -> dict[str, Any]:
     return dict(PAPER_FORM) if text.strip() == "paper" else json_object(text, option)
 
 
+def settings_for(
+    manifest: dict[str, Any] | None, overrides: dict[str, Any], where: str, hint: str
+) -> PatcherConfig:
+    """What a patch directory's new edits train with: for a new one (``manifest`` None), the
+    defaults with ``overrides``; a saved one keeps the settings it was made with, and an
+    override that differs from them is a ``ValueError`` naming the field, ``where`` it was
+    saved and the ``hint``, since its saved edits were trained with its own settings. A bad
+    or unknown field is refused either way."""
+    try:
+        wanted = PatcherConfig.from_dict(overrides)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"invalid settings: {exc}") from exc
+    if manifest is None:
+        return wanted
+    config = PatcherConfig.from_manifest(manifest)
+    stored = config.to_dict()
+    for name, value in overrides.items():
+        if stored[name] != value:
+            raise ValueError(
+                f"{where} was made with {name}={stored[name]!r}, not {value!r}; its saved "
+                f"edits were trained with its own settings ({hint})"
+            )
+    return config
+
+
 #: The fields where tpatcher's defaults depart from the paper, at the paper's values.
 PAPER_FORM: dict[str, Any] = {
     "neuron_activation": None,

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from tpatcher import persistence
-from tpatcher.config import PatcherConfig
+from tpatcher.config import PatcherConfig, settings_for
 from tpatcher.errors import PatchDirectoryError
 from tpatcher.patcher import Patcher
 
@@ -130,26 +130,14 @@ class EditStore:
         return PatcherConfig() if manifest is None else PatcherConfig.from_manifest(manifest)
 
     def settings(self, manifest: dict[str, Any] | None, overrides: dict[str, Any]) -> PatcherConfig:
-        """What new edits train with: a new store's settings are the defaults with
-        ``overrides`` (``tpatcher serve --patcher``); an existing store keeps those it was
-        made with, and an override that differs from them is refused, as its saved edits
-        were trained with the store's."""
+        """What new edits train with (:func:`tpatcher.config.settings_for`): a new store's
+        are the defaults with ``overrides`` (``tpatcher serve --patcher``); an existing
+        store keeps its own and refuses an override that differs from them."""
+        hint = "serve it without that --patcher setting, or start a new store"
         try:
-            wanted = PatcherConfig.from_dict(overrides)  # an unknown or bad field is refused
-        except (TypeError, ValueError) as exc:
-            raise PatchDirectoryError(f"invalid --patcher settings: {exc}") from exc
-        if manifest is None:
-            return wanted
-        config = self.config_from(manifest)
-        stored = config.to_dict()
-        for name, value in overrides.items():
-            if stored[name] != value:
-                raise PatchDirectoryError(
-                    f"store {self.directory} was made with {name}={stored[name]!r}, not "
-                    f"{value!r}; its saved edits were trained with its own settings (serve "
-                    "it without that --patcher setting, or start a new store)"
-                )
-        return config
+            return settings_for(manifest, overrides, f"store {self.directory}", hint)
+        except ValueError as exc:
+            raise PatchDirectoryError(str(exc)) from exc
 
     def open(self, patcher: Patcher, manifest: dict[str, Any] | None) -> None:
         """Load the store's edits into ``patcher`` (which refuses another model's store), or
