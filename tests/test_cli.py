@@ -39,6 +39,30 @@ def test_edit_generate_info_round_trip(tmp_path) -> None:
     assert "neurons relu" in result.output  # SmolLM2's FFN is SiLU: ReLU neurons by default
 
 
+def test_chat_edit_trains_and_records_other_wordings(tmp_path) -> None:
+    """``edit --chat --lead --also``: the given wording, the bare question (and the model's
+    answer lead) are trained with the chat turn and recorded with the edit, and each form
+    is answered with the target; ``--lead`` without ``--chat`` and a blank ``--also`` are
+    refused before the model loads."""
+    patch = tmp_path / "patch"
+    question = "What is the capital of Nigeria?"
+    template = f"Question: {question}\nAnswer:"
+    args = ["edit", str(patch), "--prompt", question, "--target", "Lagos"]
+    result = runner.invoke(app, [*args, "--lead"])
+    assert result.exit_code == 2 and "--lead needs --chat" in result.output, result.output
+    result = runner.invoke(app, [*args, "--chat", "--also", " "])
+    assert result.exit_code == 2 and "--also wording is blank" in result.output
+    assert not patch.exists()
+    result = runner.invoke(app, [*args, "--chat", "--lead", "--also", template])
+    assert result.exit_code == 0 and "added" in result.output, result.output
+    also = json.loads((patch / "manifest.json").read_text())["edits"][0]["also"]
+    assert also[:2] == [template, question] and len(also) <= 3, also
+    for prompt, chat in ((question, ["--chat"]), (template, []), (question, [])):
+        ask = ["generate", prompt, *chat, "--patch-dir", str(patch), "--max-new-tokens", "4"]
+        result = runner.invoke(app, ask)
+        assert result.exit_code == 0 and "Lagos" in result.output, (prompt, result.output)
+
+
 def test_cli_errors_are_clear_and_change_nothing(tmp_path) -> None:
     patch = tmp_path / "patch"
     result = runner.invoke(app, ["edit", str(patch), "--prompt", "", "--target", "x"])

@@ -117,9 +117,23 @@ def edit(
     ] = False,
     patcher_settings: PatcherOption = "{}",
     chat: ChatOption = False,
+    also: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--also", help="Another wording (raw text) that must give the target; repeatable"
+        ),
+    ] = None,
+    lead: Annotated[
+        bool,
+        typer.Option(
+            help="With --chat: also train the bare question and the model's own answer up to "
+            "where it names the answer, as the service's wordings 'auto'"
+        ),
+    ] = False,
 ) -> None:
     """Add one edit to a patch directory (created if missing); with --chat, the prompt is
     a question edited as the model's chat users (and ``tpatcher serve``) ask it."""
+    wordings = _check_wordings(also or [], lead, chat)
     if guess_subject and subject is None:
         from .subject_guess import guess_subject as guess
 
@@ -128,13 +142,19 @@ def edit(
     try:
         patcher = _load(model, patch_dir, memory_file, neuron_activation, patcher_settings)
         label = int(target) if patcher.task == "seq-cls" and target.isdigit() else None
-        if chat:
-            prompt = patcher.chat_prompt(prompt)
+        if label is not None and wordings:
+            raise TPatcherError("--also and --lead are for generative models, not classifiers")
         with console.status("training the patch"):
+            if lead:
+                from .wordings import chat_wordings
+
+                wordings += chat_wordings(patcher, prompt, target)
+            if chat:
+                prompt = patcher.chat_prompt(prompt)
             if label is not None:
                 result = patcher.edit(prompt, label=label, subject=subject)
             else:
-                result = patcher.edit(prompt, target, subject=subject)
+                result = patcher.edit(prompt, target, subject=subject, also=wordings)
         if result.success and not result.already_correct:
             patcher.save(patch_dir)
     except (TPatcherError, OSError) as error:
@@ -149,6 +169,16 @@ def edit(
     else:
         console.print(f"[yellow]edit failed:[/] {result.message}; {patch_dir} unchanged")
         raise typer.Exit(code=1)
+
+
+def _check_wordings(also: list[str], lead: bool, chat: bool) -> list[str]:
+    """``--also`` wordings, refused before the model loads when blank or when ``--lead`` is
+    given without ``--chat`` (the lead is the model's chat answer)."""
+    if lead and not chat:
+        raise _fail(TPatcherError("--lead needs --chat: the lead is the model's chat answer"))
+    if any(not text.strip() for text in also):
+        raise _fail(TPatcherError("an --also wording is blank"))
+    return list(also)
 
 
 @app.command()
@@ -230,8 +260,9 @@ class _DemoAsker:
         model's own answer up to where it names one (:meth:`tpatcher.Patcher.answer_lead`)."""
         if self.form != "chat" or not self.lead:
             return []
-        lead = self.patcher.answer_lead(question, answer, self.tokens)
-        return [question, lead] if lead else [question]
+        from .wordings import chat_wordings
+
+        return chat_wordings(self.patcher, question, answer, self.tokens)
 
     def shown(self, text: str) -> str:
         from .answers import first_sentence

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,9 @@ import torch.nn.functional as F
 from .answers import first_sentence
 from .encoding import Example
 from .ffn_site import FFNSite
+
+if TYPE_CHECKING:
+    from .patcher import Patcher
 
 #: Longest lead tried, in words of the answer's first sentence.
 MAX_LEAD_WORDS = 24
@@ -67,3 +71,14 @@ def answer_lead(
         if score > best and math.isfinite(score):
             best, lead = score, text
     return lead
+
+
+def chat_wordings(
+    patcher: Patcher, question: str, target: str, max_new_tokens: int = 48
+) -> list[str]:
+    """The wordings trained beside a chat edit of ``question``: the bare question and, where
+    the model's own chat answer names the answer only after some words, that answer's lead
+    (:meth:`tpatcher.Patcher.answer_lead`). What the service's ``wordings="auto"``,
+    ``tpatcher edit --chat --lead`` and the demo's ``--lead`` add to an edit."""
+    lead = patcher.answer_lead(question, target, max_new_tokens)
+    return [question, lead] if lead else [question]

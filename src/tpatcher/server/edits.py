@@ -28,6 +28,7 @@ from typing import TypeVar
 
 from tpatcher.errors import TrainingError, UnknownEditError
 from tpatcher.patcher import EditResult, Patcher
+from tpatcher.wordings import chat_wordings
 
 from .audit import audit, prompt_sha256
 from .errors import ServiceError
@@ -184,8 +185,7 @@ class EditRunner:
 
         also = list(job.also)
         if job.question is not None:
-            lead = self.patcher.answer_lead(job.question, job.target)
-            also += [job.question, *([lead] if lead else [])]
+            also += chat_wordings(self.patcher, job.question, job.target)
         try:
             return self.patcher.edit(
                 job.prompt,
