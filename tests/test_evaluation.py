@@ -847,6 +847,32 @@ def test_tiny_chat_edits_and_no_chat_template(
     assert "real_use" not in json.loads((tmp_path / "off" / "base.json").read_text())
 
 
+def test_base_from_reuses_the_unedited_outputs_of_the_same_stream(
+    tiny_bench, tmp_path: Path
+) -> None:
+    """``base_from``: a run in another edit format takes the earlier run's base.json instead
+    of evaluating the unedited model again; another stream's, or none, is refused."""
+    settings, _ = tiny_bench
+    first = tmp_path / "chat"
+    run_benchmark(settings(first, methods=["grace"], edit_format="chat"), plots=False)
+    said: list[str] = []
+    reuse = settings(tmp_path / "template", methods=["grace"], base_from=str(first))
+    results = run_benchmark(reuse, plots=False, on_status=said.append)
+    assert any("reusing the unedited model's outputs" in line for line in said), said
+    assert not any("evaluating the unedited model" in line for line in said), said
+    base = (tmp_path / "template" / "base.json").read_text()
+    assert base == (first / "base.json").read_text()
+    assert results["methods"]["grace"]["rel_chat"] is not None
+    for changes, message in (
+        ({"heldout": 2}, "of another stream or model"),
+        ({"base_from": str(tmp_path / "none")}, "no readable base.json"),
+    ):
+        bad = settings(tmp_path / "bad", methods=["grace"], **{"base_from": str(first), **changes})
+        with pytest.raises(ValueError, match=message):
+            bad.validate()
+    assert not (tmp_path / "bad").exists()
+
+
 def test_tiny_lead_edits_also_train_the_models_own_answer_lead(
     tiny_bench, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

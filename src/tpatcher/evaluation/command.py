@@ -84,6 +84,14 @@ _Subjects = Annotated[
     ),
 ]
 
+_BaseFrom = Annotated[
+    Path | None,
+    typer.Option(
+        help="an earlier results directory of the same stream and model whose unedited "
+        "outputs (base.json) this run reuses, as for another edit format or setting"
+    ),
+]
+
 
 def bench(
     task: Annotated[str, typer.Option(help="zsre, counterfact or factcheck")] = "zsre",
@@ -108,6 +116,7 @@ def bench(
     edit_format: Annotated[str, typer.Option(help=EDIT_FORMAT_HELP)] = "template",
     general_questions: _GeneralQuestions = 200,
     subjects: _Subjects = "record",
+    base_from: _BaseFrom = None,
 ) -> None:
     """Run the sequential model-editing benchmark and print every metric per method."""
     settings = BenchSettings(
@@ -131,6 +140,7 @@ def bench(
         edit_format=edit_format,
         general_questions=general_questions,
         subjects=subjects,
+        base_from=None if base_from is None else str(base_from),
     )
     _run(settings, stop_after, threads)
 

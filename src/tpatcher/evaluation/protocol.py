@@ -185,6 +185,7 @@ class BenchSettings:
     general_questions: int = 200
     answer_tokens: int = 48
     subjects: str = "record"
+    base_from: str | None = None  # a results directory whose base.json this run reuses
 
     def key(self) -> str:
         """Identifies the data and base evaluation; a resumed run must match it."""
@@ -241,6 +242,21 @@ class BenchSettings:
             self.patcher_config()
         except (TypeError, ValueError) as exc:
             raise ValueError(f"invalid T-Patcher settings (--patcher): {exc}") from exc
+        if self.base_from is not None:
+            self._check_base_from()
+
+    def _check_base_from(self) -> None:
+        """``base_from`` must hold the unedited outputs of this very stream and model."""
+        path = Path(str(self.base_from)) / "base.json"
+        base = _read_json(path)
+        if not base:
+            raise ValueError(f"--base-from {self.base_from}: no readable base.json there")
+        if base.get("key") != self.key():
+            raise ValueError(
+                f"--base-from {self.base_from}: its base.json is of another stream or model "
+                "(task, mode, edits, model, seed, held-out size, memory records, general "
+                "prompts or data differ)"
+            )
 
     def method_key(self, method: str) -> str:
         """The run key plus the method's own settings: changing them starts the method over.
@@ -795,6 +811,10 @@ def _base(settings: BenchSettings, data: TaskData, status: Callable[[str], None]
     real-use part on its own key). Without ``real_use`` that part is left out here."""
     path = Path(settings.out_dir) / "base.json"
     base = _read_json(path)
+    if (not base or base.get("key") != settings.key()) and settings.base_from is not None:
+        status(f"reusing the unedited model's outputs in {settings.base_from}")
+        base = _read_json(Path(settings.base_from) / "base.json")
+        _write_json(path, base)
     need_base = not base or base.get("key") != settings.key()
     real_use = settings.real_use and data.kind == "causal-lm"
     need_real = real_use and (
