@@ -9,6 +9,7 @@ from test_core import PROMPT
 from tiny import WORDS, make_model, make_tokenizer
 
 from tpatcher import Patcher, PatcherConfig
+from tpatcher.memory import default_bank
 
 
 def _texts(n: int) -> list[str]:
@@ -61,3 +62,24 @@ def test_mining_is_off_by_default_and_settings_are_checked() -> None:
     assert PatcherConfig().hard_negative_rounds == 0
     with pytest.raises(ValueError, match="hard_negative_rounds"):
         PatcherConfig(hard_negative_rounds=-1)
+
+
+def test_mine_default_bank_puts_the_generic_bank_in_the_pool_not_the_memory() -> None:
+    """``mine_default_bank``: the default bank joins the mining pool (its violators alone
+    will join the memory), not the bank trained against at every step."""
+    config = PatcherConfig(memory_size=40, hard_negative_rounds=1, mine_default_bank=True)
+    texts = _texts(120)
+    patcher = Patcher(make_model("llama"), make_tokenizer("llama"), config, memory_texts=texts)
+    generic = default_bank(patcher._site, patcher.tokenizer, 40, 0, patcher._layer)
+    bank, pool = patcher.memory.vectors(), patcher.memory.pool
+    assert len(bank) == 40
+    assert len(pool) == len(patcher.ffn_inputs(texts)) - 40 + len(generic)
+    assert (
+        torch.cdist(generic.float(), pool, compute_mode="donot_use_mm_for_euclid_dist")
+        .min(dim=1)
+        .values.max()
+        < 1e-5
+    )
+    both = PatcherConfig(**{**config.to_dict(), "include_default_memory": True})
+    trained = Patcher(make_model("llama"), make_tokenizer("llama"), both, memory_texts=texts)
+    assert len(trained.memory.pool) == len(patcher.ffn_inputs(texts)) - 40  # not twice

@@ -124,6 +124,7 @@ _BEFORE_THE_FIELD: dict[str, Any] = {
     "known_subject_pick": "random",
     "subject_negatives_in_memory": False,
     "close_target_word": False,
+    "mine_default_bank": False,
 }
 
 
@@ -229,6 +230,9 @@ class PatcherConfig:
             memory) and training goes on, at most this many rounds. ``0`` (default, the
             paper) mines nothing.
         negative_pool_size: Most FFN inputs kept in the mining pool.
+        mine_default_bank: With memory texts of your own, put the default bank (generic text)
+            in the mining pool, so only the generic inputs a new neuron fires on join its
+            memory (``include_default_memory`` trains against all of them).
         prefix_negatives: Contexts cut from the memory texts in which each edit's partial
             answer (every target token but the last) is placed; the FFN inputs there are
             negatives for this edit's training, so a neuron of a target's later token does
@@ -299,6 +303,7 @@ class PatcherConfig:
     memory_questions: bool = True
     hard_negative_rounds: int = 0
     negative_pool_size: int = 200000
+    mine_default_bank: bool = False
     prefix_negatives: int = 0
     subject_negatives: int = 0
     known_subject_negatives: int = 0

@@ -293,6 +293,9 @@ def build_memory_bank(
             vectors = torch.cat([vectors, keep(torch.cat(answered), limit // 4)])
             source = f"{source}, with the unedited model's answers ({tokens} tokens at most)"
     pool = None
+    if config.hard_negative_rounds and config.mine_default_bank and texts is not None:
+        if not config.include_default_memory:
+            left_out.append(default_bank(site, tokenizer, limit, seed, layer))
     if config.hard_negative_rounds and left_out:
         pool = subsample(torch.cat(left_out), config.negative_pool_size, seed)
     logger.info("memory bank: %d vectors from %s", vectors.shape[0], source)
