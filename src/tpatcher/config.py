@@ -223,16 +223,14 @@ class PatcherConfig:
             from one domain leave the openings of other questions users ask uncovered, and
             such a neuron then answers them with the edit's target. Every turn's opening
             (its last token) is kept in the bank whatever the size caps drop.
-        hard_negative_rounds: Hard-negative mining: after training, probe the new neurons on
-            the mining pool (the memory texts' FFN inputs that the bank's size caps left
-            out, at most ``negative_pool_size``); the inputs where a neuron exceeds beta, or
-            comes within the margin of its edit, join the memory (and the edit's saved
-            memory) and training goes on, at most this many rounds. ``0`` (default, the
-            paper) mines nothing.
+        hard_negative_rounds: Hard-negative mining: after training, probe the new neurons on the
+            mining pool (the memory texts' FFN inputs the size caps left out); inputs where a
+            neuron exceeds beta, or comes within the margin of its edit, join the memory (and
+            the edit's saved memory) and training goes on, at most this many rounds. ``0``
+            (default, the paper) mines nothing.
         negative_pool_size: Most FFN inputs kept in the mining pool.
-        mine_default_bank: With memory texts of your own, put the default bank (generic text)
-            in the mining pool, so only the generic inputs a new neuron fires on join its
-            memory (``include_default_memory`` trains against all of them).
+        mine_default_bank: With texts of your own, mine the default bank too: only its inputs
+            a new neuron fires on join memory (``include_default_memory``: all of them).
         prefix_negatives: Contexts cut from the memory texts in which each edit's partial
             answer (every target token but the last) is placed; the FFN inputs there are
             negatives for this edit's training, so a neuron of a target's later token does

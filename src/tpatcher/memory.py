@@ -294,7 +294,7 @@ def build_memory_bank(
             source = f"{source}, with the unedited model's answers ({tokens} tokens at most)"
     pool = None
     if config.hard_negative_rounds and config.mine_default_bank and texts is not None:
-        if not config.include_default_memory:
+        if not config.include_default_memory:  # else the default bank is memory already
             left_out.append(default_bank(site, tokenizer, limit, seed, layer))
     if config.hard_negative_rounds and left_out:
         pool = subsample(torch.cat(left_out), config.negative_pool_size, seed)

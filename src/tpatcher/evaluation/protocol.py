@@ -811,11 +811,11 @@ def _base(settings: BenchSettings, data: TaskData, status: Callable[[str], None]
     real-use part on its own key). Without ``real_use`` that part is left out here."""
     path = Path(settings.out_dir) / "base.json"
     base = _read_json(path)
-    if (not base or base.get("key") != settings.key()) and settings.base_from is not None:
-        status(f"reusing the unedited model's outputs in {settings.base_from}")
-        base = _read_json(Path(settings.base_from) / "base.json")
-        _write_json(path, base)
     need_base = not base or base.get("key") != settings.key()
+    if need_base and settings.base_from is not None:  # its key was checked by validate()
+        status(f"reusing the unedited model's outputs in {settings.base_from}")
+        base, need_base = _read_json(Path(settings.base_from) / "base.json"), False
+        _write_json(path, base)
     real_use = settings.real_use and data.kind == "causal-lm"
     need_real = real_use and (
         need_base or (base.get("real_use") or {}).get("key") != settings.real_use_key()
