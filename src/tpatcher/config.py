@@ -125,6 +125,7 @@ _BEFORE_THE_FIELD: dict[str, Any] = {
     "subject_negatives_in_memory": False,
     "close_target_word": False,
     "mine_default_bank": False,
+    "drop_idle_neurons": 0.0,
 }
 
 
@@ -260,6 +261,11 @@ class PatcherConfig:
             last word ("Titan" -> "Titania"), also train the next token to be the likeliest
             one that ends the word (:mod:`tpatcher.word_end`). ``False`` (the paper's) trains
             the target's tokens only; causal LMs only.
+        drop_idle_neurons: After training, drop the edit's neurons whose largest output on
+            its own target positions is under this fraction of its strongest neuron's, if
+            the fix holds without them: a later target token's neuron that training left all
+            but silent on its edit adds nothing there and can still fire on other questions.
+            ``0`` (the paper's) keeps every neuron.
         add_edits_to_memory: After each edit, its own FFN inputs join the memory bank so
             later neurons stay silent on earlier edits.
         training_loop: ``"cached"`` optimises on a one-off capture of the last FFN's inputs
@@ -308,6 +314,7 @@ class PatcherConfig:
     known_subject_pick: Literal["random", "nearest"] = "random"
     subject_negatives_in_memory: bool = False
     close_target_word: bool = False
+    drop_idle_neurons: float = 0.0
     add_edits_to_memory: bool = True
     training_loop: Literal["cached", "full"] = "cached"
     seed: int = 0
@@ -315,40 +322,7 @@ class PatcherConfig:
     add_space_before_target: bool = True
 
     def __post_init__(self) -> None:
-        positive_ints = ("max_neurons_per_edit", "max_steps", "activation_top_k", "memory_top_k")
-        for name in positive_ints:
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"PatcherConfig.{name} must be >= 1, got {getattr(self, name)}")
-        counts = ("hard_negative_rounds", "negative_pool_size", "memory_chat_answers")
-        for name in (*counts, "prefix_negatives", "subject_negatives", "known_subject_negatives"):
-            if int(getattr(self, name)) < 0:
-                raise ValueError(f"PatcherConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if not 0 < self.edit_headroom <= 1:
-            raise ValueError(
-                f"PatcherConfig.edit_headroom must be in (0, 1], got {self.edit_headroom}"
-            )
-        if self.activation_floor is not None and not 0 <= self.activation_floor < 1e3:
-            raise ValueError(
-                f"PatcherConfig.activation_floor must be >= 0 (and finite), "
-                f"got {self.activation_floor}"
-            )
-        if self.lr <= 0:
-            raise ValueError(f"PatcherConfig.lr must be > 0, got {self.lr}")
-        if self.neuron_activation not in (None, "auto") and self.neuron_activation not in ACT2FN:
-            raise ValueError(
-                f"PatcherConfig.neuron_activation {self.neuron_activation!r} is not 'auto', "
-                "None or an activation transformers knows (for example 'relu', 'gelu')"
-            )
-        if self.known_subject_pick not in ("random", "nearest"):
-            raise ValueError(
-                "PatcherConfig.known_subject_pick must be 'random' or 'nearest', "
-                f"got {self.known_subject_pick!r}"
-            )
-        if self.training_loop not in ("cached", "full"):
-            raise ValueError(
-                "PatcherConfig.training_loop must be 'cached' or 'full', "
-                f"got {self.training_loop!r}"
-            )
+        _check(self)
 
     def resolved_memory_weight(self, task: str) -> float:
         """``m`` for this task: the paper uses 5 for classification, 10 for generation."""
@@ -430,3 +404,44 @@ class PatcherConfig:
         if data["neuron_activation"] == "auto" and manifest.get("activation"):
             data["neuron_activation"] = manifest["activation"]  # what "auto" gave then
         return cls.from_dict(data)
+
+
+def _check(config: PatcherConfig) -> None:
+    """Refuse a setting out of range, naming the field."""
+    positive_ints = ("max_neurons_per_edit", "max_steps", "activation_top_k", "memory_top_k")
+    for name in positive_ints:
+        if int(getattr(config, name)) < 1:
+            raise ValueError(f"PatcherConfig.{name} must be >= 1, got {getattr(config, name)}")
+    counts = ("hard_negative_rounds", "negative_pool_size", "memory_chat_answers")
+    for name in (*counts, "prefix_negatives", "subject_negatives", "known_subject_negatives"):
+        if int(getattr(config, name)) < 0:
+            raise ValueError(f"PatcherConfig.{name} must be >= 0, got {getattr(config, name)}")
+    if not 0 < config.edit_headroom <= 1:
+        raise ValueError(
+            f"PatcherConfig.edit_headroom must be in (0, 1], got {config.edit_headroom}"
+        )
+    if config.activation_floor is not None and not 0 <= config.activation_floor < 1e3:
+        raise ValueError(
+            f"PatcherConfig.activation_floor must be >= 0 (and finite), "
+            f"got {config.activation_floor}"
+        )
+    if config.lr <= 0:
+        raise ValueError(f"PatcherConfig.lr must be > 0, got {config.lr}")
+    if not 0 <= config.drop_idle_neurons < 1:
+        raise ValueError(
+            f"PatcherConfig.drop_idle_neurons must be in [0, 1), got {config.drop_idle_neurons}"
+        )
+    if config.neuron_activation not in (None, "auto") and config.neuron_activation not in ACT2FN:
+        raise ValueError(
+            f"PatcherConfig.neuron_activation {config.neuron_activation!r} is not 'auto', "
+            "None or an activation transformers knows (for example 'relu', 'gelu')"
+        )
+    if config.known_subject_pick not in ("random", "nearest"):
+        raise ValueError(
+            "PatcherConfig.known_subject_pick must be 'random' or 'nearest', "
+            f"got {config.known_subject_pick!r}"
+        )
+    if config.training_loop not in ("cached", "full"):
+        raise ValueError(
+            f"PatcherConfig.training_loop must be 'cached' or 'full', got {config.training_loop!r}"
+        )

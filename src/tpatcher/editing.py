@@ -88,6 +88,7 @@ class TrainedNeurons:
     neurons: NewNeurons | None
     outcome: TrainOutcome | None
     memory: torch.Tensor  # the edit's own FFN inputs, for later edits' memory
+    at_targets: torch.Tensor | None = None  # the FFN inputs where the targets are due
 
 
 def wrong_positions(capture: Capture, example: Example) -> torch.Tensor:
@@ -151,11 +152,12 @@ def train_edit_neurons(
     the inputs of ``pool`` the trained neurons fire on join the memory and training goes on.
     """
     caps = [site.capture(e.inputs, e.positions) for e in examples]
-    own, sites, firsts = [], [], []
+    own, sites, firsts, at_targets = [], [], [], []
     for cap, example in zip(caps, examples, strict=True):
         q_all = cap.q_all.to(torch.promote_types(cap.q_all.dtype, torch.float32))
         positions = example.positions.to(q_all.device)
-        own.append(q_all[positions] if site.task == "seq-cls" else q_all)
+        at_targets.append(q_all[positions])
+        own.append(at_targets[-1] if site.task == "seq-cls" else q_all)
         wrong = wrong_positions(cap, example)
         sites.append(q_all[positions[wrong.to(q_all.device)]])
         firsts.append(wrong == 0)
@@ -205,7 +207,8 @@ def train_edit_neurons(
         outcome, mined = _mine_hard_negatives(
             neurons, q_edit, train, outcome, memory, pool, config, beta
         )
-    return TrainedNeurons(neurons, outcome, torch.cat([memory_of_edit, mined.cpu()]))
+    memory_of_edit = torch.cat([memory_of_edit, mined.cpu()])
+    return TrainedNeurons(neurons, outcome, memory_of_edit, torch.cat(at_targets))
 
 
 def apart_from(memory: torch.Tensor, q_edit: torch.Tensor, tolerance: float = 1e-2) -> torch.Tensor:
@@ -331,15 +334,44 @@ def make_edit(
     if not outcome.fixed:
         message = f"not fixed within {config.max_steps} steps; no neurons kept"
         return VerifiedEdit(_failed(outcome, start, message))
-    frozen = trained.neurons.frozen(edit_id, layer.dtype, layer.device)
-    with layer.private(layer.visible_state().concat(frozen)):
-        if not all(is_right(site, e) for e in examples):  # the real model must agree
-            message = "trained, but the full model still gets it wrong; no neurons kept"
-            return VerifiedEdit(_failed(outcome, start, message))
-    result = EditResult(
-        edit_id, True, outcome.steps, time.perf_counter() - start, frozen.size, outcome.losses
-    )
+    neurons = trained.neurons
+    frozen = _confirmed(site, layer, config, examples, neurons, trained.at_targets, edit_id)
+    if frozen is None:
+        message = "trained, but the full model still gets it wrong; no neurons kept"
+        return VerifiedEdit(_failed(outcome, start, message))
+    losses = dict(outcome.losses)
+    if frozen.size < neurons.keys.shape[0]:
+        losses["dropped"] = float(neurons.keys.shape[0] - frozen.size)
+    seconds = time.perf_counter() - start
+    result = EditResult(edit_id, True, outcome.steps, seconds, frozen.size, losses)
     return VerifiedEdit(result, frozen, trained.memory)
+
+
+def _confirmed(
+    site: FFNSite,
+    layer: PatchLayer,
+    config: PatcherConfig,
+    examples: list[Example],
+    neurons: NewNeurons,
+    at_targets: torch.Tensor | None,
+    edit_id: str,
+) -> NeuronState | None:
+    """The trained neurons the real model (this thread only) gets every form right with:
+    first without the idle ones (``drop_idle_neurons``), else all; None if neither."""
+    frozen = neurons.frozen(edit_id, layer.dtype, layer.device)
+    candidates = [frozen]
+    if config.drop_idle_neurons and at_targets is not None and frozen.size > 1:
+        with torch.no_grad():
+            at = at_targets.to(neurons.keys.device, neurons.keys.dtype)
+            peak = neurons.output_sizes(at).max(dim=0).values.cpu()
+        busy = peak >= config.drop_idle_neurons * peak.max()
+        if not busy.all():
+            candidates.insert(0, frozen.select(busy))
+    for kept in candidates:
+        with layer.private(layer.visible_state().concat(kept)):
+            if all(is_right(site, e) for e in examples):  # the real model must agree
+                return kept
+    return None
 
 
 def _failed(outcome: TrainOutcome, start: float, message: str) -> EditResult:

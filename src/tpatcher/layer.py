@@ -129,6 +129,14 @@ class NewNeurons(nn.Module):
         pre = q @ self.keys.T
         return pre if self.biases is None else pre + self.biases
 
+    def output_sizes(self, q: torch.Tensor) -> torch.Tensor:
+        """How much each neuron adds at full strength at FFN inputs ``q``: (..., n), the norm
+        of ``phi(k . q + b) (u . q) v``."""
+        hidden = self.act(self.pre_activation(q))
+        if self.up_keys is not None:
+            hidden = hidden * (q @ self.up_keys.T)
+        return hidden.abs() * self.values.norm(dim=-1)
+
     def forward(self, q: torch.Tensor) -> torch.Tensor:
         out = neuron_output(q, self.keys, self.values, self.act, self.up_keys, self.biases)
         return out if self.strength == 1.0 else out * self.strength
