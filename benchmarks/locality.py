@@ -24,7 +24,6 @@ from dataclasses import replace
 from statistics import median
 from typing import Any
 
-import torch
 from saved_run import open_run, pre_activations
 
 from tpatcher.evaluation.data import EditItem
@@ -59,7 +58,7 @@ def main() -> None:
     print(f"{mean(loc_trained):.4f}")
 
     owner_of = {r["edit_id"]: r["uid"] for r in records}
-    edit_pre: dict[str, float] = {}  # an edit's strongest neuron on its own prompt's last token
+    own_peak: dict[int, float] = {}  # a neuron's largest pre-activation on its own edit
     kinds: Counter[str] = Counter()
     ratios: list[float] = []
     for it, forced, score in zip(items, full, loc_full, strict=True):
@@ -75,10 +74,11 @@ def main() -> None:
             continue
         edit_id = state.owners[j]
         owner = by_uid[owner_of[edit_id]]
-        if edit_id not in edit_pre:
-            mine = torch.tensor([o == edit_id for o in state.owners])
-            edit_pre[edit_id] = float(pre_activations(patcher, owner.prompt)[-1][mine].max())
-        ratio = float(pre[j]) / max(edit_pre[edit_id], 1e-6)
+        if j not in own_peak:  # the neuron's peak anywhere in its own edit's text
+            own_ids, _, _ = scorer.encode(str(owner.prompt), str(owner.target))
+            own_text = patcher.tokenizer.decode(own_ids, skip_special_tokens=True)
+            own_peak[j] = float(pre_activations(patcher, own_text)[:, j].max())
+        ratio = float(pre[j]) / own_peak[j] if own_peak[j] > 0 else float("inf")
         ratios.append(ratio)
         whose = "own" if owner.uid == it.uid else "another"
         strength = "below" if ratio < headroom else "at or above"
