@@ -340,8 +340,8 @@ def make_edit(
         message = "trained, but the full model still gets it wrong; no neurons kept"
         return VerifiedEdit(_failed(outcome, start, message))
     losses = dict(outcome.losses)
-    if frozen.size < neurons.keys.shape[0]:
-        losses["dropped"] = float(neurons.keys.shape[0] - frozen.size)
+    if frozen.size < len(neurons.keys):
+        losses["dropped"] = float(len(neurons.keys) - frozen.size)
     seconds = time.perf_counter() - start
     result = EditResult(edit_id, True, outcome.steps, seconds, frozen.size, losses)
     return VerifiedEdit(result, frozen, trained.memory)

@@ -72,6 +72,21 @@ class NeuronState:
         )
 
 
+def neuron_hidden(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    act: nn.Module,
+    up_keys: torch.Tensor | None = None,
+    biases: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Each neuron's coefficient on its value vector for FFN inputs ``q``: (..., n)."""
+    pre = q @ keys.T
+    if biases is not None:
+        pre = pre + biases
+    hidden = act(pre)
+    return hidden if up_keys is None else hidden * (q @ up_keys.T)
+
+
 def neuron_output(
     q: torch.Tensor,
     keys: torch.Tensor,
@@ -81,13 +96,7 @@ def neuron_output(
     biases: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sum of the neurons' outputs for FFN inputs ``q`` (..., d)."""
-    pre = q @ keys.T
-    if biases is not None:
-        pre = pre + biases
-    hidden = act(pre)
-    if up_keys is not None:
-        hidden = hidden * (q @ up_keys.T)
-    return hidden @ values
+    return neuron_hidden(q, keys, act, up_keys, biases) @ values
 
 
 class NewNeurons(nn.Module):
@@ -132,9 +141,7 @@ class NewNeurons(nn.Module):
     def output_sizes(self, q: torch.Tensor) -> torch.Tensor:
         """How much each neuron adds at full strength at FFN inputs ``q``: (..., n), the norm
         of ``phi(k . q + b) (u . q) v``."""
-        hidden = self.act(self.pre_activation(q))
-        if self.up_keys is not None:
-            hidden = hidden * (q @ self.up_keys.T)
+        hidden = neuron_hidden(q, self.keys, self.act, self.up_keys, self.biases)
         return hidden.abs() * self.values.norm(dim=-1)
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
