@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from tpatcher.demo_facts import CONTROL_QUESTIONS, FACTS
+from tpatcher.editing import EditResult
 from tpatcher.evaluation import protocol
 from tpatcher.evaluation.data import EditItem, TaskData, load_task
 from tpatcher.evaluation.metrics import (
@@ -33,6 +34,7 @@ from tpatcher.evaluation.protocol import (
     GENERAL_PROMPTS,
     METHODS,
     BenchSettings,
+    edit_counts,
     general_questions,
     run_benchmark,
 )
@@ -290,6 +292,8 @@ def test_zsre_mistakes_resume_matches_uninterrupted(
     for r in edited:
         assert r["sr_em"] == exact_match(r["output"], r["target"])
         assert r["sr_tf_exact"] <= (r["sr_tf"] == 1.0)
+        # an edit's record counts its steps and neurons; mining was off, so nothing mined
+        assert r["steps"] >= 1 and r["neurons"] >= 1 and "mined" not in r
     for key in ("rel_tf", "gen_tf", "loc_tf", "loc_em", "trainr_tf", "ppl_ratio"):
         assert a[key] is not None and a[key] >= 0
     for key in ("rel_chat", "gen_chat", "loc_chat", "rel_q", "gen_q", "general_same"):
@@ -932,3 +936,11 @@ def test_joint_edits_train_the_chat_turn_and_the_bare_question_too() -> None:
     chat, bare = protocol.other_wordings(item, "joint", tok)
     assert "Who wrote X?" in chat and chat != bare == "Who wrote X?"
     assert protocol.other_wordings(item, "lead", tok) == [chat, bare]  # the lead comes later
+
+
+def test_edit_counts_keep_steps_neurons_mined_and_dropped() -> None:
+    result = EditResult("e1", True, 12, 0.5, 3, {"total": 0.1, "mined": 4.0, "dropped": 1.0})
+    assert edit_counts(result.to_dict()) == {"steps": 12, "neurons": 3, "mined": 4, "dropped": 1}
+    # a baseline's details (WISE: losses as a list) keep only what they have
+    assert edit_counts({"steps": 70, "losses": [1.0, 0.5], "tail": True}) == {"steps": 70}
+    assert edit_counts({}) == {}

@@ -750,6 +750,7 @@ def _process(
         seconds=round(outcome.seconds, 3),
         edit_id=details.get("edit_id"),
         message=details.get("message") or details.get("error") or "",
+        **edit_counts(details),
     )
     pairs = [(prompt, item.target)]
     if paraphrase:
@@ -760,6 +761,17 @@ def _process(
     if len(scores) > 1:
         record.update(gr_tf=scores[1]["tf"], gr_em=scores[1]["em"])
     return record
+
+
+def edit_counts(details: dict[str, Any]) -> dict[str, int]:
+    """What an edit's record keeps of its details beyond success: its steps and neurons,
+    and the T-Patcher counts of memory inputs mined and neurons dropped where it made them
+    (so a run says how often mining or ``drop_idle_neurons`` acted)."""
+    counts = {k: int(details[k]) for k in ("steps", "neurons") if isinstance(details.get(k), int)}
+    losses = details.get("losses")
+    if isinstance(losses, dict):
+        counts |= {k: int(losses[k]) for k in ("mined", "dropped") if k in losses}
+    return counts
 
 
 def _right(scorer: Scorer, prompt: str, target: str | int) -> bool:
