@@ -126,6 +126,7 @@ _BEFORE_THE_FIELD: dict[str, Any] = {
     "close_target_word": False,
     "mine_default_bank": False,
     "drop_idle_neurons": 0.0,
+    "memory_question_prompt": None,
 }
 
 
@@ -224,6 +225,12 @@ class PatcherConfig:
             from one domain leave the openings of other questions users ask uncovered, and
             such a neuron then answers them with the edit's target. Every turn's opening
             (its last token) is kept in the bank whatever the size caps drop.
+        memory_question_prompt: A prompt with ``{question}``, such as ``"Question:
+            {question}\nAnswer:"``: tpatcher's everyday questions also go into memory in
+            it, with the unedited model's answers (``memory_chat_answers`` tokens), every
+            prompt's last token kept. ``memory_questions`` covers edits made through the chat
+            template; this covers edits made in a prompt of your own, and models without a
+            chat template. ``None`` (default): not.
         hard_negative_rounds: Hard-negative mining: after training, probe the new neurons on the
             mining pool (the memory texts' FFN inputs the size caps left out); inputs where a
             neuron exceeds beta, or comes within the margin of its edit, join the memory (and
@@ -305,6 +312,7 @@ class PatcherConfig:
     memory_chat_format: bool | None = None
     memory_chat_answers: int = 48
     memory_questions: bool = True
+    memory_question_prompt: str | None = None
     hard_negative_rounds: int = 0
     negative_pool_size: int = 200000
     mine_default_bank: bool = False
@@ -436,6 +444,14 @@ def _check(config: PatcherConfig) -> None:
             f"PatcherConfig.neuron_activation {config.neuron_activation!r} is not 'auto', "
             "None or an activation transformers knows (for example 'relu', 'gelu')"
         )
+    prompt = config.memory_question_prompt
+    if prompt is not None and (
+        "{question}" not in prompt or _formatted(prompt) is None or not prompt.strip()
+    ):
+        raise ValueError(
+            "PatcherConfig.memory_question_prompt must be a prompt holding {question} and no "
+            f"other {{field}}, got {prompt!r}"
+        )
     if config.known_subject_pick not in ("random", "nearest"):
         raise ValueError(
             "PatcherConfig.known_subject_pick must be 'random' or 'nearest', "
@@ -445,3 +461,11 @@ def _check(config: PatcherConfig) -> None:
         raise ValueError(
             f"PatcherConfig.training_loop must be 'cached' or 'full', got {config.training_loop!r}"
         )
+
+
+def _formatted(prompt: str) -> str | None:
+    """``prompt`` with a question in it, or ``None`` where it names other fields."""
+    try:
+        return prompt.format(question="q")
+    except (KeyError, IndexError, ValueError):
+        return None

@@ -91,6 +91,12 @@ def default_questions() -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
+def question_prompts(prompt: str) -> list[str]:
+    """tpatcher's everyday questions in a prompt of the user's
+    (``PatcherConfig.memory_question_prompt``)."""
+    return [prompt.format(question=q) for q in default_questions()]
+
+
 def memory_cache_dir() -> Path:
     root = os.environ.get("TPATCHER_CACHE") or "~/.cache/tpatcher"
     return Path(root).expanduser() / "memory"
@@ -292,6 +298,16 @@ def build_memory_bank(
             answered = [chat_answer_vectors(site, tokenizer, g, tokens, layer) for g in groups]
             vectors = torch.cat([vectors, keep(torch.cat(answered), limit // 4)])
             source = f"{source}, with the unedited model's answers ({tokens} tokens at most)"
+    if config.memory_question_prompt and site.task == "causal-lm":
+        asked = question_prompts(config.memory_question_prompt)
+        vectors = torch.cat([vectors, turn_openings(site, tokenizer, asked)])
+        if config.memory_chat_answers:
+            tokens = config.memory_chat_answers
+            every = chat_answer_vectors(site, tokenizer, asked, tokens, layer)
+        else:
+            every = ffn_inputs(site, tokenizer, asked)
+        vectors = torch.cat([vectors, keep(every, limit // 4)])
+        source = f"{source}; tpatcher's everyday questions as {config.memory_question_prompt!r}"
     pool = None
     if config.hard_negative_rounds and config.mine_default_bank and texts is not None:
         if not config.include_default_memory:  # else the default bank is memory already
