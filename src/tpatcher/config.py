@@ -445,9 +445,7 @@ def _check(config: PatcherConfig) -> None:
             "None or an activation transformers knows (for example 'relu', 'gelu')"
         )
     prompt = config.memory_question_prompt
-    if prompt is not None and (
-        "{question}" not in prompt or _formatted(prompt) is None or not prompt.strip()
-    ):
+    if prompt is not None and ("{question}" not in prompt or _formatted(prompt) is None):
         raise ValueError(
             "PatcherConfig.memory_question_prompt must be a prompt holding {question} and no "
             f"other {{field}}, got {prompt!r}"

@@ -231,8 +231,8 @@ def chat_answer_vectors(
     max_new_tokens: int,
     layer: PatchLayer,
 ) -> torch.Tensor:
-    """FFN inputs of chat turns followed by the unedited model's own greedy answers, cached
-    per model and turns.
+    """FFN inputs of chat turns (or any prompts) followed by the unedited model's own greedy
+    answers, cached per model and turns.
 
     A free answer passes positions that many questions share ("... was founded in 19"): the
     neurons for a target's later tokens key on such positions and, unless memory holds them,
