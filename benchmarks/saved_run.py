@@ -25,8 +25,9 @@ class SavedRun:
     items: dict[str, EditItem]  # the stream by uid
 
 
-def open_run(description: str) -> SavedRun:
-    """Parse the run's command-line arguments and load its model, records, stream and patch."""
+def open_run(description: str, with_memory: bool = False) -> SavedRun:
+    """Parse the run's command-line arguments and load its model, records, stream and patch;
+    ``with_memory``: with the run's memory texts, so ``patcher.memory`` is the run's bank."""
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("run", help="the bench --out folder of a finished tpatcher run")
     ap.add_argument("--edits", type=int, required=True, help="the run's --edits")
@@ -44,7 +45,10 @@ def open_run(description: str) -> SavedRun:
         args.task, args.data, args.edits, heldout=args.heldout, memory_records=args.memory_records
     )
     state = folder / "tpatcher" / f"state-{args.edits}"
-    patcher = Patcher.load(model, tok, state, memory_texts=["unused"])  # no edits to train
+    memory = {"memory_texts": data.memory_texts, "memory_source": data.memory_source}
+    if not with_memory:
+        memory = {"memory_texts": ["unused"]}  # no edits to train
+    patcher = Patcher.load(model, tok, state, **memory)
     return SavedRun(folder, patcher, final, {it.uid: it for it in data.stream})
 
 

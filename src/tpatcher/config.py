@@ -127,6 +127,7 @@ _BEFORE_THE_FIELD: dict[str, Any] = {
     "mine_default_bank": False,
     "drop_idle_neurons": 0.0,
     "memory_question_prompt": None,
+    "distinct_memory": False,
 }
 
 
@@ -231,6 +232,12 @@ class PatcherConfig:
             prompt's last token kept. ``memory_questions`` covers edits made through the chat
             template; this covers edits made in a prompt of your own, and models without a
             chat template. ``None`` (default): not.
+        distinct_memory: Keep each repeated memory vector once: in the bank (before its
+            size caps), in the mining pool and across the edits' saved memories. Texts that
+            open alike give one FFN input at every shared position (a chat template's system
+            turn, ``"Question:"``), so without it hundreds of copies of one vector weigh in
+            ``L_mem``'s top-k mean and a mining round's cap. ``False`` (default, the paper)
+            keeps them all.
         hard_negative_rounds: Hard-negative mining: after training, probe the new neurons on the
             mining pool (the memory texts' FFN inputs the size caps left out); inputs where a
             neuron exceeds beta, or comes within the margin of its edit, join the memory (and
@@ -313,6 +320,7 @@ class PatcherConfig:
     memory_chat_answers: int = 48
     memory_questions: bool = True
     memory_question_prompt: str | None = None
+    distinct_memory: bool = False
     hard_negative_rounds: int = 0
     negative_pool_size: int = 200000
     mine_default_bank: bool = False

@@ -45,10 +45,18 @@ class MemoryBank:
     edit's neurons on it once and adds only the inputs they fire on.
     """
 
-    def __init__(self, base: torch.Tensor, source: str, pool: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        base: torch.Tensor,
+        source: str,
+        pool: torch.Tensor | None = None,
+        *,
+        distinct: bool = False,
+    ) -> None:
         self.base = base.float()
         self.source = source
         self.pool = (pool if pool is not None else self.base[:0]).float()
+        self.distinct = distinct  # repeated vectors (across edits too) are kept once
         self._edits: dict[str, torch.Tensor] = {}
         self._cache: torch.Tensor | None = None
         self._lock = threading.Lock()
@@ -76,8 +84,39 @@ class MemoryBank:
         """All vectors, (N, d), float32."""
         with self._lock:
             if self._cache is None:
-                self._cache = torch.cat([self.base, *self._edits.values()])
+                every = torch.cat([self.base, *self._edits.values()])
+                self._cache = distinct_rows(every) if self.distinct else every
             return self._cache
+
+
+def distinct_rows(vectors: torch.Tensor) -> torch.Tensor:
+    """``vectors`` with each repeated row kept once, at its first place.
+
+    Texts that open alike (the chat template's system turn, ``"Question:"``, a BOS token)
+    give the same FFN input at every shared position, so hundreds of rows of a bank can be
+    one vector. Repeats crowd ``L_mem``'s top-k mean and, in the mining pool, fill a
+    round's cap with copies of one input.
+    """
+    return vectors[_first_places(vectors)]
+
+
+def _first_places(vectors: torch.Tensor) -> torch.Tensor:
+    """The index of each distinct row's first occurrence, in order (rows compared by their
+    bytes: a hash per row, far cheaper than sorting a large bank)."""
+    seen: set[bytes] = set()
+    places = []
+    for i, row in enumerate(vectors.detach().float().cpu().contiguous().numpy()):
+        key = row.tobytes()
+        if key not in seen:
+            seen.add(key)
+            places.append(i)
+    return torch.tensor(places, dtype=torch.long)
+
+
+def _new_rows(pool: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    """The distinct rows of ``pool`` that are not rows of ``bank``."""
+    places = _first_places(torch.cat([bank, pool]))
+    return pool[places[places >= bank.shape[0]] - bank.shape[0]]
 
 
 def default_prompts() -> list[str]:
@@ -269,8 +308,11 @@ def build_memory_bank(
     limit, seed = config.memory_size, config.seed
     left_out: list[torch.Tensor] = []
 
+    def once(every: torch.Tensor) -> torch.Tensor:
+        return distinct_rows(every) if config.distinct_memory else every
+
     def keep(every: torch.Tensor, cap: int) -> torch.Tensor:
-        kept, rest = split_sample(every, cap, seed)
+        kept, rest = split_sample(once(every), cap, seed)
         left_out.append(rest)
         return kept
 
@@ -312,7 +354,10 @@ def build_memory_bank(
     if config.hard_negative_rounds and config.mine_default_bank and texts is not None:
         if not config.include_default_memory:  # else the default bank is memory already
             left_out.append(default_bank(site, tokenizer, limit, seed, layer))
+    vectors = once(vectors)
     if config.hard_negative_rounds and left_out:
-        pool = subsample(torch.cat(left_out), config.negative_pool_size, seed)
+        pool = torch.cat(left_out)
+        pool = _new_rows(pool, vectors) if config.distinct_memory else pool
+        pool = subsample(pool, config.negative_pool_size, seed)
     logger.info("memory bank: %d vectors from %s", vectors.shape[0], source)
-    return MemoryBank(vectors, source, pool)
+    return MemoryBank(vectors, source, pool, distinct=config.distinct_memory)
