@@ -23,6 +23,24 @@ def test_demo_patches_real_mistakes(tmp_path) -> None:
         assert edit["also"][0] in edit["prompt"] and 1 <= len(edit["also"]) <= 2
 
 
+def test_demo_in_the_template_keeps_everyday_questions_in_that_template() -> None:
+    """Asked in the plain template, the demo's memory holds the everyday questions in it; asked
+    through the chat template ('auto' on a chat model), chat memory covers them instead."""
+    from tpatcher.cli import _demo_patcher
+
+    patcher, form = _demo_patcher("smollm2-135m", "template", "auto")
+    try:
+        assert form == "template"
+        assert patcher.config.memory_question_prompt == "Question: {question}\nAnswer:"
+    finally:
+        patcher.close()
+    patcher, form = _demo_patcher("smollm2-135m", "auto", "auto")
+    try:
+        assert form == "chat" and patcher.config.memory_question_prompt is None
+    finally:
+        patcher.close()
+
+
 def test_edit_generate_info_round_trip(tmp_path) -> None:
     patch = tmp_path / "patch"
     prompt = "Question: What is the capital of Nigeria?\nAnswer:"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -310,7 +311,7 @@ def demo(
     if form not in ("auto", "chat", "template"):
         raise _fail(TPatcherError(f"--format must be auto, chat or template, not {form!r}"))
     try:
-        patcher = _load(model, None, neuron_activation=neuron_activation)
+        patcher, form = _demo_patcher(model, form, neuron_activation)
         if patcher.task == "seq-cls":
             raise TPatcherError("the demo needs a generative model")
         asker = _DemoAsker(patcher, form, lead)
@@ -339,6 +340,29 @@ def demo(
     if save_to is not None:
         patcher.save(save_to)
         console.print(f"patch saved to {save_to} ({len(patcher.edits)} edits)")
+
+
+def _demo_patcher(model_name: str, form: str, neuron_activation: str):
+    """The demo's Patcher and how it asks ('auto' resolved): asked in the plain template, its
+    memory also holds tpatcher's everyday questions in that template
+    (``PatcherConfig.memory_question_prompt``), as chat memory holds them as chat turns, so
+    that edits stay silent on the other questions the template asks."""
+    from .demo_facts import question_prompt
+    from .encoding import has_chat_template
+    from .models import load_model
+    from .patcher import Patcher
+
+    try:
+        _, config = _settings(None, "{}", neuron_activation)
+    except (TypeError, ValueError) as error:
+        raise TPatcherError(str(error)) from error
+    with console.status(f"loading {model_name}"):
+        model, tokenizer = load_model(model_name)
+    if form == "auto":
+        form = "chat" if has_chat_template(tokenizer) else "template"
+    if form == "template":
+        config = replace(config, memory_question_prompt=question_prompt("{question}"))
+    return Patcher(model, tokenizer, config), form
 
 
 def _first_line(text: str) -> str:
