@@ -23,12 +23,18 @@ class SavedRun:
     patcher: Patcher
     final: dict[str, Any]  # tpatcher/final.json
     items: dict[str, EditItem]  # the stream by uid
+    args: argparse.Namespace  # the command line, with the script's own options
 
 
-def open_run(description: str, with_memory: bool = False) -> SavedRun:
+def open_run(
+    description: str, with_memory: bool = False, options: dict[str, dict] | None = None
+) -> SavedRun:
     """Parse the run's command-line arguments and load its model, records, stream and patch;
-    ``with_memory``: with the run's memory texts, so ``patcher.memory`` is the run's bank."""
+    ``with_memory``: with the run's memory texts, so ``patcher.memory`` is the run's bank;
+    ``options``: the script's own options (flag: ``add_argument`` keywords)."""
     ap = argparse.ArgumentParser(description=description)
+    for flag, keywords in (options or {}).items():
+        ap.add_argument(flag, **keywords)
     ap.add_argument("run", help="the bench --out folder of a finished tpatcher run")
     ap.add_argument("--edits", type=int, required=True, help="the run's --edits")
     ap.add_argument("--heldout", type=int, default=20, help="the run's --heldout")
@@ -49,7 +55,7 @@ def open_run(description: str, with_memory: bool = False) -> SavedRun:
     if not with_memory:
         memory = {"memory_texts": ["unused"]}  # no edits to train
     patcher = Patcher.load(model, tok, state, **memory)
-    return SavedRun(folder, patcher, final, {it.uid: it for it in data.stream})
+    return SavedRun(folder, patcher, final, {it.uid: it for it in data.stream}, args)
 
 
 def pre_activations(patcher: Patcher, text: str) -> torch.Tensor:

@@ -309,10 +309,11 @@ def test_zsre_mistakes_resume_matches_uninterrupted(
     assert _comparable(again["methods"]["tpatcher"]) == _comparable(a)
 
 
-def _diagnose(script: str, out: Path, data_dir: Path) -> str:
+def _diagnose(script: str, out: Path, data_dir: Path, *more: str) -> str:
     """The last lines a diagnosis script in ``benchmarks/`` prints for the run in ``out``."""
     root = Path(__file__).resolve().parents[1]
     args = ["--edits", "5", "--heldout", "4", "--memory-records", "20", "--data", str(data_dir)]
+    args += more
     done = subprocess.run(
         [sys.executable, str(root / "benchmarks" / script), str(out), *args],
         capture_output=True,
@@ -347,6 +348,11 @@ def test_diagnosis_scripts_agree_with_the_run(data_dir: Path, zsre_run) -> None:
     assert template.endswith(f"over {len(edited)} edited items")
     untouched = template.startswith("changed answer tokens: {}")
     assert untouched == (result["loc_tf"] == 1.0)  # no teacher-forced answer token moved
+
+    general = _diagnose("general_answers.py", out, data_dir, "--general-questions", "8")
+    share = float(general.strip().splitlines()[-1].split("unchanged: ")[1].split()[0])
+    # chat turns on SmolLM2; batched with other prompts in the run (padding), alone here
+    assert share == pytest.approx(result["general_same"], abs=0.13)  # one question of 8
 
     paraphrases = _diagnose("generality.py", out, data_dir)
     assert f"\n{len(edited)} edited items, edit_headroom" in paraphrases
@@ -583,6 +589,11 @@ def test_evaluate_state_real_use_by_hand() -> None:
     no_chat = dict(real, chat=False, loc={}, general=None)
     out = evaluate_state(scorer, data, dict(base, real_use=no_chat), records)
     assert out["rel_q"] == 0.5 and out["rel_chat"] is None and out["general_same"] is None
+    # without a chat template the general questions are asked in the template given
+    asked = {"template": "Q: {q}\nA:", "questions": ["g1", "g2"], "answers": ["No\nmore", "x"]}
+    scorer._answers |= {"Q: g1\nA:": "no.\nQ: other", "Q: g2\nA:": "y"}
+    out = evaluate_state(scorer, data, dict(base, real_use=dict(no_chat, general=asked)), records)
+    assert out["rel_chat"] is None and out["loc_chat"] is None and out["general_same"] == 0.5
 
 
 def test_free_answers_stop_after_the_first_sentence() -> None:
@@ -843,7 +854,16 @@ def test_tiny_chat_edits_and_no_chat_template(
     plain = run_benchmark(settings(tmp_path / "plain", methods=["grace"]), plots=False)
     summary = plain["methods"]["grace"]
     assert summary["rel_chat"] is None and summary["loc_chat"] is None
-    assert summary["general_same"] is None and summary["rel_q"] is not None
+    assert summary["rel_q"] is not None  # general questions asked in the zsRE template:
+    general = json.loads((tmp_path / "plain" / "base.json").read_text())["real_use"]["general"]
+    assert general["template"] == "Question: {q}\nAnswer:" and len(general["answers"]) == 5
+    assert summary["general_same"] is not None
+    stale = json.loads((tmp_path / "plain" / "base.json").read_text())  # from before them:
+    del stale["real_use"]["general"]  # the template answers are added on the next run
+    (tmp_path / "plain" / "base.json").write_text(json.dumps(stale))
+    run_benchmark(settings(tmp_path / "plain", methods=["grace"]), plots=False)
+    again = json.loads((tmp_path / "plain" / "base.json").read_text())["real_use"]["general"]
+    assert again == general
     with pytest.raises(ValueError, match="needs a model with a chat template"):
         run_benchmark(settings(tmp_path / "no", methods=["grace"], edit_format="chat"), plots=False)
     off = run_benchmark(settings(tmp_path / "off", methods=["grace"], real_use=False), plots=False)

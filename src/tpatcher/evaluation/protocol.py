@@ -47,7 +47,7 @@ from ..encoding import has_chat_template, render_chat
 from ..ffn_site import eval_mode
 from ..patcher import Patcher
 from ..subject_guess import guess_subject
-from .data import BENCH_TASKS, EditItem, TaskData, load_task
+from .data import BENCH_TASKS, ZSRE_FORMAT, EditItem, TaskData, load_task
 from .editors import Editor, EditOutcome, TPatcherEditor
 from .metrics import (
     Scorer,
@@ -108,6 +108,10 @@ GENERAL_SOURCE = (
 )
 GENERAL_QUESTIONS_SOURCE = (
     "greedy chat answers of the unedited model to tpatcher/evaluation/general_questions.txt"
+)
+GENERAL_TEMPLATE_SOURCE = (
+    "greedy answers of the unedited model to tpatcher/evaluation/general_questions.txt, "
+    "asked in the zsRE template (the model has no chat template)"
 )
 
 ItemHook = Callable[[str, int, int, dict[str, Any]], None]
@@ -371,17 +375,25 @@ def base_outputs(scorer: Scorer, data: TaskData, settings: BenchSettings) -> dic
 def base_real_use(scorer: Scorer, data: TaskData, settings: BenchSettings) -> dict[str, Any]:
     """The unedited model's chat answers that the real-use locality metrics compare with: to
     each stream item's unrelated question and to the general questions. Without a chat
-    template only the question-only metrics are defined, and nothing is stored."""
+    template the general questions are asked in the zsRE template instead (a base model's
+    way of being asked), and the chat metrics are undefined."""
     tok = scorer.tokenizer
     part: dict[str, Any] = {
         "key": settings.real_use_key(),
         "tokens": settings.answer_tokens,
         "chat": has_chat_template(tok),
     }
+    questions = general_questions()[: settings.general_questions]
     if not part["chat"]:
+        prompts = [ZSRE_FORMAT.format(q=q) for q in questions]
+        part["general"] = {
+            "source": GENERAL_TEMPLATE_SOURCE,
+            "template": ZSRE_FORMAT,
+            "questions": questions,
+            "answers": scorer.answers(prompts, settings.answer_tokens),
+        }
         return part
     loc_items = [it for it in data.stream if it.loc_question]
-    questions = general_questions()[: settings.general_questions]
     prompts = [render_chat(tok, str(it.loc_question)) for it in loc_items]
     prompts += [render_chat(tok, q) for q in questions]
     answers = scorer.answers(prompts, settings.answer_tokens)
@@ -418,9 +430,11 @@ def real_use_metrics(
         groups["loc_chat"] = [
             (render_chat(tok, str(it.loc_question)), real["loc"][it.uid]) for it in loc_items
         ]
-        general = real["general"]
+    general = real.get("general")
+    if general:  # chat turns, or the template a model without a chat template was asked in
+        template = general.get("template")
         groups["general_same"] = [
-            (render_chat(tok, q), a)
+            (template.format(q=q) if template else render_chat(tok, q), a)
             for q, a in zip(general["questions"], general["answers"], strict=True)
         ]
     flat = [prompt for pairs in groups.values() for prompt, _ in pairs]
@@ -507,7 +521,8 @@ def evaluate_state(
       answer's first sentence. ``rel_q``/``gen_q``: the same for the bare question as text.
     * ``loc_chat``: share of the unrelated questions whose chat answer's first sentence is
       unchanged (normalised) from the unedited model's; ``general_same``: the same over
-      the general questions. ``None`` without a chat template.
+      the general questions. Without a chat template the chat metrics are ``None`` and the
+      general questions are asked in the zsRE template.
     """
     by_uid = {it.uid: it for it in data.stream}
     edited = [r for r in records if r["edited"]]
@@ -829,8 +844,11 @@ def _base(settings: BenchSettings, data: TaskData, status: Callable[[str], None]
         base, need_base = _read_json(Path(settings.base_from) / "base.json"), False
         _write_json(path, base)
     real_use = settings.real_use and data.kind == "causal-lm"
+    real = (base or {}).get("real_use") or {}
     need_real = real_use and (
-        need_base or (base.get("real_use") or {}).get("key") != settings.real_use_key()
+        need_base
+        or real.get("key") != settings.real_use_key()
+        or not (real.get("chat") or real.get("general"))  # from before template questions
     )
     if need_base or need_real:
         status("evaluating the unedited model")
