@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from saved_run import open_run
 
-from tpatcher.encoding import has_chat_template, render_chat
+from tpatcher.encoding import has_chat_template
 from tpatcher.evaluation.data import ZSRE_FORMAT
 from tpatcher.evaluation.metrics import Scorer
-from tpatcher.evaluation.protocol import general_questions, same_answer
+from tpatcher.evaluation.protocol import general_prompts, general_questions, same_answer
 
 TOKENS = 48  # the bench's answer_tokens
 
@@ -30,7 +30,9 @@ def main() -> None:
     scorer = Scorer(patcher.model, tok)
     chat = has_chat_template(tok)
     questions = general_questions()[: saved.args.general_questions]
-    prompts = [render_chat(tok, q) if chat else ZSRE_FORMAT.format(q=q) for q in questions]
+    prompts = general_prompts(
+        tok, {"questions": questions, "template": None if chat else ZSRE_FORMAT}
+    )
     with patcher.disabled():
         before = scorer.answers(prompts, TOKENS)
     after = scorer.answers(prompts, TOKENS)

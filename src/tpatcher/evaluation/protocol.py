@@ -385,13 +385,10 @@ def base_real_use(scorer: Scorer, data: TaskData, settings: BenchSettings) -> di
     }
     questions = general_questions()[: settings.general_questions]
     if not part["chat"]:
-        prompts = [ZSRE_FORMAT.format(q=q) for q in questions]
-        part["general"] = {
-            "source": GENERAL_TEMPLATE_SOURCE,
-            "template": ZSRE_FORMAT,
-            "questions": questions,
-            "answers": scorer.answers(prompts, settings.answer_tokens),
-        }
+        general = {"source": GENERAL_TEMPLATE_SOURCE, "template": ZSRE_FORMAT}
+        general["questions"] = questions
+        general["answers"] = scorer.answers(general_prompts(tok, general), settings.answer_tokens)
+        part["general"] = general
         return part
     loc_items = [it for it in data.stream if it.loc_question]
     prompts = [render_chat(tok, str(it.loc_question)) for it in loc_items]
@@ -404,6 +401,14 @@ def base_real_use(scorer: Scorer, data: TaskData, settings: BenchSettings) -> di
         "answers": answers[len(loc_items) :],
     }
     return part
+
+
+def general_prompts(tok: PreTrainedTokenizerBase, general: dict[str, Any]) -> list[str]:
+    """The general questions as the bench asks them: chat turns, or in ``general["template"]``
+    where the model has no chat template (the one rule for the base, the metric and the
+    diagnosis script)."""
+    template = general.get("template")
+    return [template.format(q=q) if template else render_chat(tok, q) for q in general["questions"]]
 
 
 def same_answer(now: str, before: str) -> bool:
@@ -432,11 +437,8 @@ def real_use_metrics(
         ]
     general = real.get("general")
     if general:  # chat turns, or the template a model without a chat template was asked in
-        template = general.get("template")
-        groups["general_same"] = [
-            (template.format(q=q) if template else render_chat(tok, q), a)
-            for q, a in zip(general["questions"], general["answers"], strict=True)
-        ]
+        asked = general_prompts(tok, general)
+        groups["general_same"] = list(zip(asked, general["answers"], strict=True))
     flat = [prompt for pairs in groups.values() for prompt, _ in pairs]
     answers = iter(scorer.answers(flat, int(real["tokens"])))
     out: dict[str, float | None] = dict.fromkeys(REAL_USE_KEYS)
